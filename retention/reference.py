@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from retention.shapes import check_retention_inputs, check_state_shapes
+
 FORMS = ("attention", "recurrent", "chunked")
 
 
@@ -45,18 +47,11 @@ def phi(x: np.ndarray, degree: int = 2) -> np.ndarray:
 
 def _prepare(q, k, v, log_g, scale):
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected q [B,T,Hq,d], k and v [B,T,H,d]; got {q.shape}, {k.shape}, "
-                         f"{v.shape}")
-    B, T, Hq, d = q.shape
-    H = k.shape[2]
-    if Hq % H:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({H})")
+    log_g = None if log_g is None else np.asarray(log_g, dtype=np.float64)
+    B, T, Hq, H, d = check_retention_inputs(q.shape, k.shape, v.shape,
+                                            None if log_g is None else log_g.shape)
     if log_g is None:
         log_g = np.zeros((B, T, H))
-    log_g = np.asarray(log_g, dtype=np.float64)
-    if log_g.shape != (B, T, H):
-        raise ValueError(f"log_g must have shape [B,T,H] = {(B, T, H)}, got {log_g.shape}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     # Grouped queries: query head i reads KV head i // (Hq // H); view q as [B,T,H,Hq/H,d].
     return q.reshape(B, T, H, Hq // H, d), k, v, log_g, scale
@@ -77,9 +72,7 @@ def _init_state(B, H, d, degree, initial_state):
     if initial_state is None:
         return np.zeros((B, H, D, d)), np.zeros((B, H, D))
     S, z = (np.asarray(a, dtype=np.float64).copy() for a in initial_state)
-    if S.shape != (B, H, D, d) or z.shape != (B, H, D):
-        raise ValueError(f"initial_state must be (S [B,H,D,d], z [B,H,D]) = "
-                         f"({(B, H, D, d)}, {(B, H, D)}), got ({S.shape}, {z.shape})")
+    check_state_shapes(S.shape, z.shape, B, H, D, d)
     return S, z
 
 
@@ -133,8 +126,8 @@ def power_retention(q, k, v, log_g=None, *, degree: int = 2, scale: float | None
     `initial_state` (S, z) and `return_state` are for the recurrent and chunked forms (the
     attention form has no state). `chunk_size` defaults to 64 for the chunked form.
     """
-    if degree < 2 or degree % 2:
-        raise ValueError(f"degree must be an even integer >= 2, got {degree}")
+    if not isinstance(degree, int) or degree < 2 or degree % 2:
+        raise ValueError(f"degree must be an even integer >= 2, got {degree!r}")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     qg, k, v, log_g, scale = _prepare(q, k, v, log_g, scale)

@@ -147,7 +147,7 @@ def test_bad_inputs_raise_value_error():
         power_retention_ops(q, k, v, log_g[:, :4])
     with pytest.raises(ValueError, match="degree"):
         power_retention_ops(q, k, v, log_g, degree=3)
-    with pytest.raises(ValueError, match="initial_state"):
+    with pytest.raises(ValueError, match="state must be"):
         power_retention_ops(q, k, v, log_g, initial_state=(mx.zeros((1, 2, 3, 8)),
                                                            mx.zeros((1, 2, 3))))
 

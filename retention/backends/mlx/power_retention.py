@@ -16,6 +16,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from retention.reference import feature_dim, feature_index
+from retention.shapes import check_retention_inputs, check_state_shapes
 
 logger = logging.getLogger("retention")
 
@@ -56,26 +57,16 @@ def _compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
     return mx.float64 if dtype == mx.float64 else mx.float32
 
 
-def _check_inputs(q, k, v, log_g):
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] \
-            or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected q [B,T,Hq,d], k and v [B,T,H,d]; got {q.shape}, {k.shape}, "
-                         f"{v.shape}")
-    B, T, Hq, d = q.shape
-    H = k.shape[2]
-    if Hq % H:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({H})")
-    if log_g is not None and tuple(log_g.shape) != (B, T, H):
-        raise ValueError(f"log_g must have shape [B,T,H] = {(B, T, H)}, got {tuple(log_g.shape)}")
+def _check_inputs(q, k, v, log_g, degree, chunk_size):
+    check_retention_inputs(q.shape, k.shape, v.shape, None if log_g is None else log_g.shape,
+                           degree, chunk_size)
 
 
 def _initial_state(initial_state, B, H, D, d, dtype):
     if initial_state is None:
         return mx.zeros((B, H, D, d), dtype=dtype), mx.zeros((B, H, D), dtype=dtype)
     S, z = initial_state
-    if tuple(S.shape) != (B, H, D, d) or tuple(z.shape) != (B, H, D):
-        raise ValueError(f"initial_state must be (S [B,H,D,d], z [B,H,D]) = "
-                         f"({(B, H, D, d)}, {(B, H, D)}), got ({tuple(S.shape)}, {tuple(z.shape)})")
+    check_state_shapes(S.shape, z.shape, B, H, D, d)
     return S.astype(dtype), z.astype(dtype)
 
 
@@ -94,9 +85,7 @@ def power_retention_ops(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int =
     chunk start). Across chunks: a carried state (S, z), keys discounted to the chunk end.
     Both parts share the per-row scale alpha = max(row max, log state denominator).
     """
-    if degree < 2 or degree % 2:
-        raise ValueError(f"degree must be an even integer >= 2, got {degree}")
-    _check_inputs(q_BTQd, k_BTHd, v_BTHd, log_g_BTH)
+    _check_inputs(q_BTQd, k_BTHd, v_BTHd, log_g_BTH, degree, chunk_size)
     B, T, Hq, d = q_BTQd.shape
     H = k_BTHd.shape[2]
     R, D, p = Hq // H, feature_dim(d, degree), degree

@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 
 from retention.reference import feature_dim, feature_index
+from retention.shapes import check_retention_inputs, check_state_shapes
 
 logger = logging.getLogger("retention")
 
@@ -49,19 +50,8 @@ def phi(x: torch.Tensor, degree: int = 2) -> torch.Tensor:
 # --- input checks ----------------------------------------------------------------------
 
 def _check(q, k, v, log_g, degree, chunk_size):
-    if not isinstance(degree, int) or degree < 2 or degree % 2:
-        raise ValueError(f"degree must be an even integer >= 2, got {degree!r}")
-    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected q [B,T,Hq,d], k and v [B,T,H,d]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, T, Hq, d = q.shape
-    H = k.shape[2]
-    if Hq % H:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({H})")
-    if log_g is not None and tuple(log_g.shape) != (B, T, H):
-        raise ValueError(f"log_g must have shape [B,T,H] = {(B, T, H)}, got {tuple(log_g.shape)}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_retention_inputs(q.shape, k.shape, v.shape, None if log_g is None else log_g.shape,
+                           degree, chunk_size)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -74,9 +64,7 @@ def _state_aug(state, B, H, D, d, dtype, device) -> torch.Tensor:
     if state is None:
         return torch.zeros(B, H, D, d + 1, dtype=dtype, device=device)
     S, z = state
-    if tuple(S.shape) != (B, H, D, d) or tuple(z.shape) != (B, H, D):
-        raise ValueError(f"state must be (S [B,H,D,d], z [B,H,D]) = ({(B, H, D, d)}, "
-                         f"{(B, H, D)}), got ({tuple(S.shape)}, {tuple(z.shape)})")
+    check_state_shapes(S.shape, z.shape, B, H, D, d)
     return torch.cat([S.to(dtype), z.to(dtype).unsqueeze(-1)], dim=-1)
 
 
