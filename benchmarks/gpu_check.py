@@ -1,0 +1,194 @@
+"""Correctness grid of the Triton power-retention kernels on a CUDA GPU, in one call.
+
+For every case: gold = float64 attention form (kernels/triton/testing.py) on the bf16-rounded
+inputs, ref = the torch ops path (backends/torch) on the bf16 inputs, test = the kernel.
+err(x) = max|x - gold| / max|gold| per output and gradient; a case passes when
+err(test) <= 4 * err(ref) + 1e-2 for every tensor (DESIGN section 5) and nothing is NaN.
+The gradient check covers the Hopper tl.trans-of-a-dot miscompile of triton 3.4-3.7.0.
+
+    python benchmarks/gpu_check.py            # the whole grid; prints a table, exits 1 on failure
+    python benchmarks/gpu_check.py --quick    # T=63 and 1024 only
+
+Cases run in a child process (CUDA_LAUNCH_BLOCKING=1, so an error names its kernel); a case
+that kills the CUDA context is reported and the grid goes on in a fresh child.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from retention.kernels.triton import available, power_retention, power_retention_step
+from retention.kernels.triton.testing import attention_form
+
+try:
+    from retention.backends.torch.power_retention import power_retention_ops
+except ImportError:                                   # ops path absent: bf16 attention form
+    power_retention_ops = None
+
+NAMES = ("y", "S", "z", "dq", "dk", "dv", "dlog_g", "dS0", "dz0")
+
+
+def make_case(B, T, Hq, H, d, gates, state, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    q, k, v = rnd(B, T, Hq, d).to(dtype), rnd(B, T, H, d).to(dtype), rnd(B, T, H, d).to(dtype)
+    log_g = F.logsigmoid(3.0 + rnd(B, T, H)) if gates else None
+    S0 = None
+    if state:   # a consistent state: the one a random 64-token prefix leaves
+        qp = rnd(B, 64, Hq, d).double()
+        kp, vp = rnd(B, 64, H, d).to(dtype).double(), rnd(B, 64, H, d).to(dtype).double()
+        _, S0 = attention_form(qp, kp, vp)
+        S0 = tuple(a.float() for a in S0)
+    return q, k, v, log_g, S0
+
+
+def run(fn, q, k, v, log_g, S0, cast, seed):
+    """Outputs and gradients of fn under a fixed random loss on (y, S, z)."""
+    ins = [None if a is None else cast(a).detach().requires_grad_()
+           for a in (q, k, v, log_g, *(S0 or (None, None)))]
+    qq, kk, vv, lg, s0, z0 = ins
+    y, (S, z) = fn(qq, kk, vv, lg, (s0, z0) if s0 is not None else None)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    gy = torch.randn(y.shape, device="cuda", generator=g)
+    gS = torch.randn(S.shape, device="cuda", generator=g) * 1e-3
+    gz = torch.randn(z.shape, device="cuda", generator=g) * 1e-3
+    loss = (y.double() * gy).sum() + (S.double() * gS).sum() + (z.double() * gz).sum()
+    grads = torch.autograd.grad(loss, [a for a in ins if a is not None])
+    it = iter(grads)
+    full = [next(it) if a is not None else None for a in ins]
+    return [y, S, z] + full[:3] + full[3:]
+
+
+def kernel_fn(chunk):
+    def fn(q, k, v, lg, st):
+        return power_retention(q, k, v, lg, chunk_size=chunk, initial_state=st, return_state=True)
+    return fn
+
+
+def ops_fn(q, k, v, lg, st):
+    if power_retention_ops is not None:
+        return power_retention_ops(q, k, v, lg, initial_state=st, return_state=True)
+    return attention_form(q, k, v, lg, initial_state=st)
+
+
+def gold_fn(q, k, v, lg, st):
+    return attention_form(q, k, v, lg, initial_state=st)
+
+
+def err(x, gold):
+    if x is None or gold is None:
+        return None
+    x, gold = x.double(), gold.double()
+    if not torch.isfinite(x).all():
+        return math.inf
+    return ((x - gold).abs().max() / gold.abs().max().clamp_min(1e-30)).item()
+
+
+def check_case(B, T, Hq, H, d, gates, state, dtype=torch.bfloat16, chunk=None, seed=0):
+    q, k, v, log_g, S0 = make_case(B, T, Hq, H, d, gates, state, dtype, seed)
+    gold = run(gold_fn, q, k, v, log_g, S0, lambda a: a.double(), seed)
+    ref = run(ops_fn, q, k, v, log_g, S0, lambda a: a, seed)
+    test = run(kernel_fn(chunk), q, k, v, log_g, S0, lambda a: a, seed)
+    rows, ok = [], True
+    for name, g_, r_, t_ in zip(NAMES, gold, ref, test):
+        et, er = err(t_, g_), err(r_, g_)
+        if et is None:
+            continue
+        passed = et <= 4 * (er or 0.0) + 1e-2
+        ok &= passed
+        rows.append(f"{name}={et:.1e}/{er:.1e}{'' if passed else '!'}")
+    return ok, rows
+
+
+def check_decode(d=64, Hq=4, H=2, B=2, T=40, seed=3):
+    """Prefill T-4 tokens with the chunked kernel, then 4 decode steps: against the full gold."""
+    q, k, v, log_g, _ = make_case(B, T, Hq, H, d, True, False, torch.bfloat16, seed)
+    gold_y, gold_state = attention_form(q.double(), k.double(), v.double(), log_g.double())
+    _, state = power_retention(q[:, :-4], k[:, :-4], v[:, :-4], log_g[:, :-4], return_state=True)
+    errs = []
+    for t in range(T - 4, T):
+        y, state = power_retention_step(q[:, t], k[:, t], v[:, t], log_g[:, t], state)
+        errs.append(err(y, gold_y[:, t]))
+    errs += [err(state[0], gold_state[0]), err(state[1], gold_state[1])]
+    return max(errs) <= 1e-2, [f"max err {max(errs):.1e}"]
+
+
+def grid(quick):
+    Ts = (63, 1024) if quick else (63, 1024, 4096)
+    cases = []
+    for T in Ts:
+        for d in (32, 64, 128):
+            B = 2 if T < 100 else 1
+            cases.append((f"T={T} d={d} gates GQA state", (B, T, 4, 2, d, True, True)))
+            cases.append((f"T={T} d={d} plain", (B, T, 2, 2, d, False, False)))
+    cases.append(("T=300 d=64 chunk=64 gates GQA state", (1, 300, 4, 2, 64, True, True, torch.bfloat16, 64)))
+    cases.append(("T=1024 d=64 fp16 gates GQA state", (1, 1024, 4, 2, 64, True, True, torch.float16)))
+    cases.append(("T=1024 d=64 fp32 gates GQA state", (1, 1024, 4, 2, 64, True, True, torch.float32)))
+    cases.append(("prefill + 4 decode steps, d=64 GQA", None))
+    return cases
+
+
+def child(quick, start):
+    """Run cases from `start` on; each result line is 'RESULT i ok|FAIL text'."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for i, (name, a) in enumerate(grid(quick)):
+        if i < start:
+            continue
+        print(f"BEGIN {i}", flush=True)
+        t0 = time.time()
+        try:
+            ok, rows = check_decode() if a is None else check_case(*a)
+        except Exception as e:  # a compile error is a failed case, the grid goes on
+            ok, rows = False, [f"{type(e).__name__}: {str(e)[:200]}"]
+            if "CUDA" in str(e):
+                raise
+        print(f"RESULT {i} {'ok' if ok else 'FAIL'} {time.time() - t0:5.1f}  {' '.join(rows)}",
+              flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child-from", type=int, default=None)
+    args = ap.parse_args()
+    if args.child_from is not None:
+        return child(args.quick, args.child_from)
+    print("kernels:", available(), "| torch", torch.__version__, "| ops twin:",
+          "backends.torch" if power_retention_ops else "attention form (bf16)", flush=True)
+    cases = grid(args.quick)
+    results, start = {}, 0
+    print(f"{'case':38s} {'ok':4s} {'s':>5s}  err test/ref per tensor ('!' = over 4*ref+1e-2)")
+    while start < len(cases):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child-from", str(start)]
+        cmd += ["--quick"] if args.quick else []
+        proc = subprocess.Popen(cmd, env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        current = start
+        for line in proc.stdout:
+            if line.startswith("BEGIN"):
+                current = int(line.split()[1])
+            elif line.startswith("RESULT"):
+                _, i, rest = line.rstrip("\n").split(" ", 2)
+                results[int(i)] = rest
+                print(f"{cases[int(i)][0]:38s} {rest}", flush=True)
+        err = proc.stderr.read()
+        proc.wait()
+        if current not in results:   # the child died inside this case
+            where = [l for l in err.splitlines() if "kernels/triton" in l or "Error" in l][-4:]
+            results[current] = "FAIL  crashed: " + " | ".join(w.strip()[:160] for w in where)
+            print(f"{cases[current][0]:38s} {results[current]}", flush=True)
+        start = current + 1
+    failures = sum(not r.startswith("ok") for r in results.values())
+    print(f"{failures} failing case(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Power retention kernel benchmark (issue 6 item 5): bf16, 16 heads, d=64, B*T = 65,536 tokens.
+
+Forward and forward+backward milliseconds (median of triton.testing.do_bench) for our Triton
+kernels, torch SDPA (flash backend, causal) and Manifest AI's `retention` 1.0.7 at chunk 128 and
+1024, plus our achieved TFLOP/s against the measured bf16 matmul peak. Manifest's package is
+also imported as `retention`, so it runs in a child process with its own PYTHONPATH:
+
+    python benchmarks/kernels.py [--manifest-path DIR] [--sweep] [--profile]
+
+DIR holds Manifest's unpacked wheel (pip install --no-deps --target DIR retention==1.0.7);
+without it the Manifest columns are skipped. FLOPs counted for ours: 4*D*d per token and
+head forward (state update + state read, canonical D=2080), 3x that forward+backward; the
+intra-chunk attention is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+TOKENS, HEADS, D_HEAD = 65536, 16, 64
+TS = (1024, 4096, 16384, 65536)
+
+
+def bench(fn, grads=()):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads),
+                                   return_mode="median")
+
+
+def inputs(T, layout="BTHd", requires_grad=True):
+    import torch
+    import torch.nn.functional as F
+
+    B = TOKENS // T
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (B, T, HEADS, D_HEAD) if layout == "BTHd" else (B, HEADS, T, D_HEAD)
+    q, k, v = (torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16)
+               for _ in range(3))
+    lg = F.logsigmoid(3.0 + torch.randn(B, T, HEADS, device="cuda", generator=g))
+    for a in (q, k, v, lg):
+        a.requires_grad_(requires_grad)
+    return q, k, v, lg
+
+
+def fwd_bwd(f, ins):
+    def run():
+        y = f(*ins)
+        y.backward(y.detach())   # any fixed upstream gradient
+    return run
+
+
+def matmul_peak():
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def ours(T, chunk=None):
+    import torch
+    from retention.kernels.triton import power_retention
+
+    q, k, v, lg = inputs(T)
+    f = lambda q, k, v, lg: power_retention(q, k, v, lg, chunk_size=chunk)
+    with torch.no_grad():
+        fwd = bench(lambda: f(q, k, v, lg))
+    return fwd, bench(fwd_bwd(f, (q, k, v, lg)), (q, k, v, lg))
+
+
+def sdpa(T):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, _ = inputs(T, layout="BHTd")
+    f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with torch.no_grad():
+            fwd = bench(lambda: f(q, k, v))
+        return fwd, bench(fwd_bwd(f, (q, k, v)), (q, k, v))
+
+
+def manifest_child():
+    """Runs in the child process: Manifest's power_retention, one JSON line per measurement."""
+    import torch
+    from retention import power_retention as manifest_pr   # Manifest's package, not ours
+
+    # Most informative first: their autotuning makes each new shape slow to start.
+    for chunk, T in ((128, 4096), (128, 65536), (1024, 65536), (128, 1024), (1024, 16384),
+                     (128, 16384), (1024, 4096)):
+            try:
+                q, k, v, lg = inputs(T)
+                f = lambda q, k, v, lg: manifest_pr(q, k, v, lg, deg=2, chunk_size=chunk)
+                with torch.no_grad():
+                    fwd = bench(lambda: f(q, k, v, lg))
+                fb = bench(fwd_bwd(f, (q, k, v, lg)), (q, k, v, lg))
+                print(json.dumps({"chunk": chunk, "T": T, "fwd": fwd, "fwdbwd": fb}), flush=True)
+            except Exception as e:
+                print(json.dumps({"chunk": chunk, "T": T, "error": f"{type(e).__name__}: {e}"[:200]}),
+                      flush=True)
+
+
+def manifest(path, timeout):
+    env = dict(os.environ, PYTHONPATH=path)
+    out = {}
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env,
+                              capture_output=True, text=True, timeout=timeout,
+                              cwd="/")
+        text = proc.stdout
+        if proc.returncode:
+            print("manifest child failed:", proc.stderr[-800:])
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(f"manifest child stopped after {timeout} s")
+    for line in text.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            out[(r["chunk"], r["T"])] = r
+    return out
+
+
+def profile(T):
+    import torch
+    from retention.kernels.triton import power_retention
+
+    q, k, v, lg = inputs(T)
+    run = fwd_bwd(lambda *a: power_retention(*a), (q, k, v, lg))
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+    print(f"-- profile T={T}, 3 x fwd+bwd")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+
+
+def kernel_resources():
+    """Registers, spills and shared memory of every compiled kernel variant (from ptxas)."""
+    from retention.kernels.triton import chunked
+
+    for name in ("_chunk_state", "_scan", "_out_fwd", "_chunk_dstate", "_dq_bwd", "_dkv_bwd"):
+        try:
+            for cache in getattr(chunked, name).device_caches.values():
+                for k in cache[0].values():
+                    print(f"{name:14s} regs {getattr(k, 'n_regs', '?')} spills "
+                          f"{getattr(k, 'n_spills', '?')} smem {k.metadata.shared} warps "
+                          f"{k.metadata.num_warps} stages {k.metadata.num_stages}")
+        except Exception as e:   # the cache layout is triton-internal
+            print(name, "resources unavailable:", type(e).__name__, e)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--manifest-path", default=None)
+    ap.add_argument("--manifest-timeout", type=int, default=240)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time chunk sizes 128/256/512")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        return manifest_child()
+    import torch
+    import triton
+
+    D = math.comb(D_HEAD + 1, 2)
+    flop_fwd = 4 * D * D_HEAD * TOKENS * HEADS
+    peak = matmul_peak()
+    print(f"{time.strftime('%Y-%m-%d')} | {torch.cuda.get_device_name()} | torch {torch.__version__}"
+          f" | triton {triton.__version__} | bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    man = manifest(args.manifest_path, args.manifest_timeout) if args.manifest_path else {}
+    rows = []
+    for T in TS:
+        of, ofb = ours(T)
+        sf, sfb = sdpa(T)
+        m = [man.get((c, T), {}) for c in (128, 1024)]
+        rows.append((T, of, ofb, sf, sfb, m))
+        print(f"T={T}: ours {of:.2f}/{ofb:.2f} ms, sdpa {sf:.2f}/{sfb:.2f} ms", flush=True)
+    fmt = lambda r, key: f"{r[key]:.2f}" if key in r else ("err" if "error" in r else "-")
+    print("\n| T | B | ours fwd | ours fwd+bwd | ours TFLOP/s fwd / fwd+bwd | SDPA fwd | SDPA fwd+bwd "
+          "| Manifest c128 fwd | c128 fwd+bwd | Manifest c1024 fwd | c1024 fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for T, of, ofb, sf, sfb, (m1, m2) in rows:
+        tf, tfb = flop_fwd / of / 1e9, 3 * flop_fwd / ofb / 1e9
+        print(f"| {T} | {TOKENS // T} | {of:.2f} | {ofb:.2f} | {tf:.0f} / {tfb:.0f} "
+              f"({100 * tfb / peak:.0f}% of peak) | {sf:.2f} | {sfb:.2f} | {fmt(m1, 'fwd')} | "
+              f"{fmt(m1, 'fwdbwd')} | {fmt(m2, 'fwd')} | {fmt(m2, 'fwdbwd')} |")
+    for r in man.values():
+        if "error" in r:
+            print("manifest error:", r)
+    if args.sweep:
+        for T in (4096, 65536):
+            for c in (128, 256, 512):
+                of, ofb = ours(T, chunk=c)
+                print(f"sweep T={T} chunk={c}: fwd {of:.2f} ms, fwd+bwd {ofb:.2f} ms", flush=True)
+    kernel_resources()
+    if args.profile:
+        profile(65536)
+
+
+if __name__ == "__main__":
+    main()

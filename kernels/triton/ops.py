@@ -1,0 +1,378 @@
+"""torch.library custom ops around the Triton kernels, so torch.compile(fullgraph=True) keeps
+them in the graph: chunked forward, its backward (a second op, so compiled backward graphs see
+it too) and the decode step. Legend: B batch, T time, Hq query heads, H KV heads, d head dim,
+D canonical features (C(d+1, 2)), Di internal features (layout.py), N chunks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import chunked, decode
+from .layout import block_pairs, to_canonical, to_internal
+
+BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
+FEATURE_TILE = 128  # state rows per program in the state kernels (half a block pair)
+MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-chunk work grows
+
+
+def default_chunk(T: int) -> int:
+    env = os.environ.get("RETENTION_TRITON_CHUNK")
+    if env:
+        return int(env)
+    return min(MAX_CHUNK, max(64, triton.next_power_of_2(T)))
+
+
+def _plan(T: int, chunk: int) -> tuple[int, int, int]:
+    """Row block BM, chunks N and padded length Tp for chunk size `chunk`."""
+    bm = next(b for b in (BLOCK_M, 64, 32, 16) if b <= chunk and chunk % b == 0)
+    n = triton.cdiv(T, chunk)
+    return bm, n, n * chunk
+
+
+def _dot_types(dtype: torch.dtype):
+    """Matrix operand type and precision: bf16 stays bf16; float16 states would overflow, so
+    float16 and float32 inputs multiply in float32 (tf32 for float16, exact for float32)."""
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, torch.bfloat16, "tf32"
+    return tl.float32, torch.float32, ("tf32" if dtype == torch.float16 else "ieee")
+
+
+@lru_cache(maxsize=None)
+def _selections_cpu(d: int) -> torch.Tensor:
+    """0/1 tables SELT [2, NB, 256, d]: SELT[0, I][f, c] = (c == 16 I + f // 16) and
+    SELT[1, J][f, c] = (c == 16 J + f % 16), so (SELT[0, I] @ x^T) * (SELT[1, J] @ x^T) is the
+    feature tile of block pair (I, J), feature-major."""
+    nb = d // 16
+    selT = torch.zeros(2, nb, 256, d)
+    f = torch.arange(256)
+    for blk in range(nb):
+        selT[0, blk, f, blk * 16 + f // 16] = 1.0
+        selT[1, blk, f, blk * 16 + f % 16] = 1.0
+    return selT
+
+
+_SEL_CACHE: dict = {}
+
+
+@lru_cache(maxsize=None)
+def _pairs_cpu(d: int) -> torch.Tensor:
+    return torch.tensor(block_pairs(d), dtype=torch.int32).reshape(-1)
+
+
+def _pairs(d: int, device) -> torch.Tensor:
+    return _pairs_cpu(d).to(device)
+
+
+def _selections(d: int, device, dtype) -> torch.Tensor:
+    key = (d, str(device), dtype)
+    if key not in _SEL_CACHE:
+        _SEL_CACHE[key] = _selections_cpu(d).to(device=device, dtype=dtype)
+    return _SEL_CACHE[key]
+
+
+def _chunk_gates(log_g_BTH, chunk: int, n: int) -> torch.Tensor:
+    """Log-gates summed from each chunk's start, [B*H, Tp] float32 (padding adds no decay).
+    The scan runs over the innermost axis: torch scans over outer axes are slow."""
+    B, T, H = log_g_BTH.shape
+    lg = log_g_BTH.float().permute(0, 2, 1).contiguous()
+    if n * chunk > T:
+        lg = F.pad(lg, (0, n * chunk - T))
+    return lg.reshape(B * H, n, chunk).cumsum(-1).reshape(B * H, n * chunk)
+
+
+SCAN_BLOCK = 1024
+
+
+def _scan(X, bg, init, chunk, reverse):
+    """Carry across chunks in place (chunked._scan); returns the final carry, float32."""
+    BH, n = X.shape[:2]
+    L = X[0, 0].numel()
+    final = torch.empty(BH, L, device=X.device, dtype=torch.float32)
+    chunked._scan[(BH, triton.cdiv(L, SCAN_BLOCK))](
+        X, bg, init if init is not None else final, final, n, L, bg.shape[1],
+        C=chunk, BL=SCAN_BLOCK, HAS_INIT=init is not None, REVERSE=reverse, num_warps=4)
+    return final
+
+
+def _stages(d, dt_tl):
+    # Shared memory: the per-block kernels hold 256 x d state tiles; double-buffer small ones.
+    return 1 if d >= 128 or dt_tl == tl.float32 else 2
+
+
+def _states_fwd(k, v, bg, S0i, z0i, chunk, bm, n, dt_tl, dt_torch, prec):
+    """States entering each chunk (Hst [B*H,N,Di,d], Zst [B*H,N,Di]) and the final state."""
+    B, T, H, d = k.shape
+    NP = len(block_pairs(d))
+    Di = NP * 256
+    Hst = torch.empty(B * H, n, Di, d, device=k.device, dtype=dt_torch)
+    Zst = torch.empty(B * H, n, Di, device=k.device, dtype=torch.float32)
+    bv = min(d, 64)
+    fw = FEATURE_TILE
+    selT = _selections(d, k.device, dt_torch)
+    chunked._chunk_state[(n, NP * (256 // fw), B * H * (d // bv))](
+        k, v, bg, Hst, Zst, selT, T, H, n * chunk, n,
+        D_HEAD=d, DINT=Di, C=chunk, BK=bm, BV=bv, FW=fw, DT=dt_tl, PREC=prec, num_warps=8,
+        num_stages=2)
+    SF = _scan(Hst, bg, S0i, chunk, reverse=False)
+    ZF = _scan(Zst, bg, z0i, chunk, reverse=False)
+    return Hst, Zst, SF, ZF
+
+
+def _internal_state(S, z, B, H):
+    Si, zi = to_internal(S, z)
+    return Si.reshape(B * H, Si.shape[2], Si.shape[3]).contiguous(), zi.reshape(B * H, -1).contiguous()
+
+
+@torch.library.custom_op("retention::triton_power_retention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tensor,
+            S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], scale: float,
+            chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y [B,T,Hq,d], den [B,Hq,T] (saved for backward), final S [B,H,D,d], z [B,H,D]."""
+    B, T, Hq, d = q.shape
+    H = k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bm, n, Tp = _plan(T, chunk)
+    dt_tl, dt_torch, prec = _dot_types(q.dtype)
+    bg = _chunk_gates(log_g, chunk, n)
+    S0i, z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
+    Hst, Zst, SF, ZF = _states_fwd(k, v, bg, S0i, z0i, chunk, bm, n, dt_tl, dt_torch, prec)
+    y = torch.empty_like(q)
+    den = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    NP = len(block_pairs(d))
+    chunked._out_fwd[(Tp // bm, B * Hq)](
+        q, k, v, bg, Hst, Zst, y, den, _pairs(d, q.device), scale, T, H, Hq, Tp, n,
+        NP=NP, D_HEAD=d, DINT=NP * 256, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        num_warps=4, num_stages=_stages(d, dt_tl))
+    S, z = to_canonical(SF.view(B, H, -1, d), ZF.view(B, H, -1))
+    return y, den, S, z
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, log_g, S0, z0, scale, chunk):
+    B, T, Hq, d = q.shape
+    H = k.shape[2]
+    D = math.comb(d + 1, 2)
+    f32 = torch.float32
+    return (torch.empty_like(q), q.new_empty(B, Hq, T, dtype=f32),
+            q.new_empty(B, H, D, d, dtype=f32), q.new_empty(B, H, D, dtype=f32))
+
+
+@torch.library.custom_op("retention::triton_power_retention_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Tensor],
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tensor,
+            S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], y: torch.Tensor,
+            den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, scale: float, chunk: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor]:
+    """dq, dk, dv, dlog_g, dS0, dz0 (the last two empty when there was no initial state)."""
+    B, T, Hq, d = q.shape
+    H = k.shape[2]
+    q, k, v, dy = q.contiguous(), k.contiguous(), v.contiguous(), dy.contiguous()
+    bm, n, Tp = _plan(T, chunk)
+    dt_tl, dt_torch, prec = _dot_types(q.dtype)
+    NP = len(block_pairs(d))
+    Di = NP * 256
+    selT = _selections(d, q.device, dt_torch)
+    pairs = _pairs(d, q.device)
+    fw = FEATURE_TILE
+    bg = _chunk_gates(log_g, chunk, n)
+    S0i, z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
+    # Recompute the per-chunk states rather than keeping them: they are Di*d per chunk and head.
+    Hst, Zst, _, _ = _states_fwd(k, v, bg, S0i, z0i, chunk, bm, n, dt_tl, dt_torch, prec)
+    delta = (dy.float() * y.float()).sum(-1).permute(0, 2, 1).contiguous()   # [B,Hq,T]
+    has_dS = dS is not None or dz is not None
+    if has_dS:
+        dS = torch.zeros_like(S) if dS is None else dS
+        dz = torch.zeros_like(z) if dz is None else dz
+        dSi, dzi = _internal_state(dS.float(), dz.float(), B, H)
+    dHst = torch.empty_like(Hst)
+    dZst = torch.empty_like(Zst)
+    bv = min(d, 64)
+    chunked._chunk_dstate[(n, NP * (256 // fw), B * H * (d // bv))](
+        q, bg, dy, den, delta, dHst, dZst, selT, scale, T, H, Hq, Tp, n,
+        D_HEAD=d, DINT=Di, C=chunk, BK=bm, BV=bv, FW=fw, DT=dt_tl, PREC=prec, num_warps=8,
+        num_stages=2)
+    dS0i = _scan(dHst, bg, dSi if has_dS else None, chunk, reverse=True)
+    dz0i = _scan(dZst, bg, dzi if has_dS else None, chunk, reverse=True)
+    dq = torch.empty(B, T, Hq, d, device=q.device, dtype=torch.float32)
+    dk = torch.empty(B, T, H, d, device=q.device, dtype=torch.float32)
+    dv = torch.empty_like(dk)
+    chunked._dq_bwd[(Tp // bm, B * Hq)](
+        q, k, v, bg, Hst, Zst, dy, den, delta, dq, pairs, scale, T, H, Hq, Tp, n,
+        NP=NP, D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        num_warps=4, num_stages=_stages(d, dt_tl))
+    chunked._dkv_bwd[(Tp // bm, B * H)](
+        q, k, v, bg, dHst, dZst, dy, den, delta, dk, dv, pairs, scale, T, H, Hq, Tp, n,
+        NP=NP, D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        num_warps=4, num_stages=_stages(d, dt_tl))
+    # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
+    # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2.
+    qdq = (q.float() * dq).sum(-1).view(B, T, H, Hq // H).sum(-1)
+    dG = (qdq - (k.float() * dk).sum(-1)) / 2
+    if has_dS:
+        dG[:, -1] += (dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)
+    dlog_g = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
+    if S0 is not None:
+        dS0, dz0 = to_canonical(dS0i.view(B, H, Di, d), dz0i.view(B, H, Di))
+    else:
+        dS0, dz0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog_g, dS0, dz0
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, scale, chunk):
+    f32 = torch.float32
+    dS0 = torch.empty_like(S0, dtype=f32) if S0 is not None else q.new_empty(0, dtype=f32)
+    dz0 = torch.empty_like(z0, dtype=f32) if z0 is not None else q.new_empty(0, dtype=f32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(log_g, dtype=f32), dS0, dz0)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_g, S0, z0, scale, chunk = inputs
+    y, den, S, z = output
+    ctx.save_for_backward(q, k, v, log_g, S0, z0, y, den, S, z)
+    ctx.scale, ctx.chunk = scale, chunk
+    ctx.has_S0 = S0 is not None
+
+
+def _backward(ctx, dy, dden, dS, dz):
+    q, k, v, log_g, S0, z0, y, den, S, z = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(y)
+    dq, dk, dv, dlog_g, dS0, dz0 = torch.ops.retention.triton_power_retention_bwd(
+        dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, ctx.scale, ctx.chunk)
+    if not ctx.has_S0:
+        dS0 = dz0 = None
+    return dq, dk, dv, dlog_g, dS0, dz0, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_supported(d, *dtypes):
+    """Valid inputs the kernels do not cover raise NotImplementedError (the dispatcher then
+    falls back to the ops path)."""
+    if d % 16 or not 16 <= d <= 256:
+        raise NotImplementedError(f"the Triton kernels need a head dim that is a multiple of 16 "
+                                  f"in [16, 256], got {d}")
+    if len(set(dtypes)) != 1 or dtypes[0] not in (torch.float32, torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"the Triton kernels take one dtype among float32, float16 "
+                                  f"and bfloat16 for q, k, v; got {dtypes}")
+
+
+def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
+                    scale: float | None = None, chunk_size: int | None = None,
+                    initial_state=None, return_state: bool = False):
+    """Chunked power retention on the Triton kernels; same contract as reference.power_retention.
+
+    Returns y [B,T,Hq,d] (q's dtype), or (y, (S [B,H,D,d], z [B,H,D])) with the final state in
+    the canonical layout, float32. Differentiable in q, k, v, log_g and the initial state.
+    """
+    if degree != 2:
+        raise NotImplementedError(f"the Triton kernels implement degree 2, got {degree}")
+    if q_BTQd.ndim != 4 or k_BTHd.shape != v_BTHd.shape or k_BTHd.ndim != 4 \
+            or q_BTQd.shape[:2] != k_BTHd.shape[:2] or q_BTQd.shape[3] != k_BTHd.shape[3]:
+        raise ValueError(f"expected q [B,T,Hq,d], k and v [B,T,H,d]; got {tuple(q_BTQd.shape)}, "
+                         f"{tuple(k_BTHd.shape)}, {tuple(v_BTHd.shape)}")
+    B, T, Hq, d = q_BTQd.shape
+    H = k_BTHd.shape[2]
+    if Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({H})")
+    _check_supported(d, q_BTQd.dtype, k_BTHd.dtype, v_BTHd.dtype)
+    if log_g_BTH is None:
+        log_g_BTH = q_BTQd.new_zeros(B, T, H, dtype=torch.float32)
+    elif tuple(log_g_BTH.shape) != (B, T, H):
+        raise ValueError(f"log_g must have shape [B,T,H] = {(B, T, H)}, got {tuple(log_g_BTH.shape)}")
+    chunk = int(chunk_size) if chunk_size else default_chunk(T)
+    if chunk % 16 or chunk < 16:
+        raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk}")
+    S0 = z0 = None
+    if initial_state is not None:
+        D = math.comb(d + 1, 2)
+        S0, z0 = initial_state
+        if tuple(S0.shape) != (B, H, D, d) or tuple(z0.shape) != (B, H, D):
+            raise ValueError(f"initial_state must be (S [B,H,D,d], z [B,H,D]) = "
+                             f"({(B, H, D, d)}, {(B, H, D)}), got ({tuple(S0.shape)}, "
+                             f"{tuple(z0.shape)})")
+        S0, z0 = S0.float(), z0.float()
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    y, _, S, z = torch.ops.retention.triton_power_retention_fwd(
+        q_BTQd, k_BTHd, v_BTHd, log_g_BTH.float(), S0, z0, scale, chunk)
+    return (y, (S, z)) if return_state else y
+
+
+@lru_cache(maxsize=None)
+def _canonical_tables_cpu(d: int):
+    from retention.reference import feature_index
+
+    tuples, weights = feature_index(d, 2)
+    return (torch.as_tensor(np.ascontiguousarray(tuples[:, 0]), dtype=torch.int32),
+            torch.as_tensor(np.ascontiguousarray(tuples[:, 1]), dtype=torch.int32),
+            torch.as_tensor(weights, dtype=torch.float32))
+
+
+@torch.library.custom_op("retention::triton_power_retention_step", mutates_args=())
+def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tensor,
+             S: torch.Tensor, z: torch.Tensor, scale: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, Hq, d = q.shape
+    H = k.shape[1]
+    D = S.shape[2]
+    ii, jj, wt = (t.to(q.device) for t in _canonical_tables_cpu(d))
+    S_new = torch.empty_like(S)
+    z_new = torch.empty_like(z)
+    y = torch.empty_like(q)
+    bv = min(d, 32)
+    decode._step[(B * H, d // bv)](
+        q.contiguous(), k.contiguous(), v.contiguous(), log_g.float().contiguous(),
+        S.contiguous(), z.contiguous(), S_new, z_new, y, ii, jj, wt, scale, H, Hq, D,
+        D_HEAD=d, RGP=triton.next_power_of_2(Hq // H), BF=64, BV=bv, num_warps=4)
+    return y, S_new, z_new
+
+
+@_step_op.register_fake
+def _step_fake(q, k, v, log_g, S, z, scale):
+    return torch.empty_like(q), torch.empty_like(S), torch.empty_like(z)
+
+
+def power_retention_step(q_BQd, k_BHd, v_BHd, log_g_BH=None, state=None, *, degree: int = 2,
+                         scale: float | None = None):
+    """One decode token: y [B,Hq,d] and the new state (S [B,H,D,d], z [B,H,D]) float32.
+    state None means an empty state."""
+    if degree != 2:
+        raise NotImplementedError(f"the Triton decode kernel implements degree 2, got {degree}")
+    if q_BQd.ndim != 3 or k_BHd.ndim != 3:
+        raise ValueError(f"expected q [B,Hq,d], k and v [B,H,d]; got {tuple(q_BQd.shape)}, "
+                         f"{tuple(k_BHd.shape)}, {tuple(v_BHd.shape)}")
+    B, Hq, d = q_BQd.shape
+    H = k_BHd.shape[1]
+    if k_BHd.shape != v_BHd.shape or k_BHd.shape[0] != B or k_BHd.shape[2] != d or Hq % H:
+        raise ValueError(f"expected q [B,Hq,d], k and v [B,H,d] with Hq a multiple of H; got "
+                         f"{tuple(q_BQd.shape)}, {tuple(k_BHd.shape)}, {tuple(v_BHd.shape)}")
+    _check_supported(d, q_BQd.dtype, k_BHd.dtype, v_BHd.dtype)
+    D = math.comb(d + 1, 2)
+    if state is None:
+        state = (q_BQd.new_zeros(B, H, D, d, dtype=torch.float32),
+                 q_BQd.new_zeros(B, H, D, dtype=torch.float32))
+    S, z = state
+    if tuple(S.shape) != (B, H, D, d) or tuple(z.shape) != (B, H, D):
+        raise ValueError(f"state must be (S [B,H,D,d], z [B,H,D]) = ({(B, H, D, d)}, "
+                         f"{(B, H, D)}), got ({tuple(S.shape)}, {tuple(z.shape)})")
+    if log_g_BH is None:
+        log_g_BH = q_BQd.new_zeros(B, H, dtype=torch.float32)
+    elif tuple(log_g_BH.shape) != (B, H):
+        raise ValueError(f"log_g must have shape [B,H] = {(B, H)}, got {tuple(log_g_BH.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    y, S, z = torch.ops.retention.triton_power_retention_step(
+        q_BQd, k_BHd, v_BHd, log_g_BH, S.float(), z.float(), scale)
+    return y, (S, z)

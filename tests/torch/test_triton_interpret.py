@@ -1,0 +1,183 @@
+"""The Triton kernels under TRITON_INTERPRET=1 on CPU (tiny float32 shapes), against the float64
+attention form and the reference, forward and backward.
+
+The interpreter must be switched on before triton is imported, so every check runs in a child
+process (this file run as a script); the pytest process and the other torch tests never see
+the variable. Run one check by hand: TRITON_INTERPRET=1 python tests/torch/test_triton_interpret.py fwd_bwd
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+
+def _run_child(check: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{check} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert f"{check} passed" in proc.stdout
+
+
+@pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "float16", "decode", "api"])
+def test_triton_kernels_interpreted(check):
+    _run_child(check)
+
+
+# ---- the checks, run in the child process -------------------------------------------------
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _case(B, T, Hq, H, d, gates, state, seed=0):
+    import torch
+    import torch.nn.functional as F
+
+    from retention.kernels.triton.testing import attention_form
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, h, d, generator=g) for h in (Hq, H, H))
+    log_g = F.logsigmoid(2.0 + torch.randn(B, T, H, generator=g)) if gates else None
+    S0 = None
+    if state:   # the state a random prefix leaves, so z is consistent with S
+        kp, vp = torch.randn(B, 20, H, d, generator=g), torch.randn(B, 20, H, d, generator=g)
+        _, S0 = attention_form(q[:, :20].double(), kp.double(), vp.double())
+        S0 = tuple(a.float() for a in S0)
+    return q, k, v, log_g, S0
+
+
+def _check_fwd_bwd(gates, state, Hq, H):
+    import numpy as np
+    import torch
+
+    from retention import reference
+    from retention.kernels.triton import ops
+    from retention.kernels.triton.testing import attention_form
+
+    ops.BLOCK_M = 16   # two row blocks per chunk of 32: covers the block loops
+    B, T, d = 2, 50, 32   # T not a multiple of the chunk; d=32 has diagonal and off-diagonal tiles
+    q, k, v, log_g, S0 = _case(B, T, Hq, H, d, gates, state)
+    leaves = [a.clone().requires_grad_() for a in (q, k, v, log_g, *(S0 or ())) if a is not None]
+    it = iter(leaves)
+    qq, kk, vv = next(it), next(it), next(it)
+    lg = next(it) if gates else None
+    st = (next(it), next(it)) if state else None
+    y, (S, z) = ops.power_retention(qq, kk, vv, lg, chunk_size=32, initial_state=st,
+                                    return_state=True)
+    # Forward against the float64 NumPy reference (chunked form, with state).
+    ref_y, (ref_S, ref_z) = reference.power_retention(
+        q.numpy(), k.numpy(), v.numpy(), None if log_g is None else log_g.numpy(), form="chunked",
+        initial_state=None if S0 is None else tuple(a.numpy() for a in S0), return_state=True)
+    for name, a, b in (("y", y, ref_y), ("S", S, ref_S), ("z", z, ref_z)):
+        err = _rel(a.detach(), torch.from_numpy(np.asarray(b)))
+        assert err < 1e-5, (name, err)
+    # Backward against autograd through the float64 attention form.
+    gold_leaves = [a.detach().double().requires_grad_() for a in leaves]
+    it = iter(gold_leaves)
+    gq, gk, gv = next(it), next(it), next(it)
+    glg = next(it) if gates else None
+    gst = (next(it), next(it)) if state else None
+    gy, (gS, gz) = attention_form(gq, gk, gv, glg, initial_state=gst)
+    g = torch.Generator().manual_seed(1)
+    wy, wS, wz = (torch.randn(a.shape, generator=g, dtype=torch.float64) for a in (gy, gS, gz))
+    torch.autograd.backward([y, S, z], [wy.float(), wS.float() * 1e-2, wz.float() * 1e-2])
+    torch.autograd.backward([gy, gS, gz], [wy, wS * 1e-2, wz * 1e-2])
+    for a, b in zip(leaves, gold_leaves):
+        assert a.grad is not None and torch.isfinite(a.grad).all()
+        err = _rel(a.grad, b.grad)
+        assert err < 1e-5, (tuple(a.shape), err)
+
+
+def check_fwd_bwd():
+    _check_fwd_bwd(gates=True, state=True, Hq=4, H=2)
+
+
+def check_fwd_bwd_plain():
+    _check_fwd_bwd(gates=False, state=False, Hq=2, H=2)
+
+
+def check_float16():
+    import torch
+
+    from retention.kernels.triton import power_retention
+    from retention.kernels.triton.testing import attention_form
+
+    q, k, v, log_g, _ = _case(1, 40, 2, 1, 16, True, False)
+    q16, k16, v16 = (a.half() for a in (q, k, v))
+    y = power_retention(q16, k16, v16, log_g, chunk_size=16)
+    assert y.dtype == torch.float16
+    gold, _ = attention_form(q16.double(), k16.double(), v16.double(), log_g.double())
+    assert _rel(y, gold) < 3e-3
+
+
+def check_decode():
+    from retention.kernels.triton import power_retention, power_retention_step
+    from retention.kernels.triton.testing import attention_form
+
+    q, k, v, log_g, _ = _case(2, 12, 4, 2, 32, True, False)
+    gold_y, (gold_S, gold_z) = attention_form(q.double(), k.double(), v.double(), log_g.double())
+    # Prefill 9 tokens with the chunked kernel, then decode 3: the full forward's outputs.
+    _, state = power_retention(q[:, :9], k[:, :9], v[:, :9], log_g[:, :9], chunk_size=16,
+                               return_state=True)
+    for t in range(9, 12):
+        y, state = power_retention_step(q[:, t], k[:, t], v[:, t], log_g[:, t], state)
+        assert _rel(y, gold_y[:, t]) < 1e-5
+    assert _rel(state[0], gold_S) < 1e-5 and _rel(state[1], gold_z) < 1e-5
+    # An empty state and no gate: the first token's output is its own value.
+    y, _ = power_retention_step(q[:, 0], k[:, 0], v[:, 0], None, None)
+    assert _rel(y, v[:, 0].repeat_interleave(2, dim=1)) < 1e-4   # features cancel: f32 rounding
+
+
+def check_api():
+    import torch
+
+    import retention.kernels.triton as kt
+
+    ok, why = kt.available()
+    assert ok and "interpreter" in why
+    q, k, v, _, _ = _case(1, 8, 2, 1, 16, False, False)
+    for bad, exc in (((q, k[:, :4], v), ValueError), ((q[..., :8], k[..., :8], v[..., :8]),
+                                                      NotImplementedError)):
+        with pytest.raises(exc):
+            kt.power_retention(*bad)
+    with pytest.raises(NotImplementedError):
+        kt.power_retention(q, k, v, degree=4)
+    # The custom op's fake kernel gives the shapes torch.compile traces with.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(a) for a in (q, k, v))
+        y, (S, z) = kt.power_retention(fq, fk, fv, return_state=True)
+        assert y.shape == q.shape and S.shape == (1, 1, math.comb(17, 2), 16)
+        assert z.shape == (1, 1, math.comb(17, 2)) and S.dtype == torch.float32
+    # torch.compile(fullgraph=True) traces the ops through their fake and autograd
+    # registrations (aot_eager: the AOT autograd graph, no C++ compiler needed); the
+    # compiled loss and gradients equal the eager ones.
+    lg = torch.nn.functional.logsigmoid(torch.randn(1, 8, 1) + 2.0)
+    leaves = [a.clone().requires_grad_() for a in (q, k, v, lg)]
+
+    def loss(q, k, v, lg):
+        y, (S, z) = kt.power_retention(q, k, v, lg, chunk_size=16, return_state=True)
+        return (y * y).sum() + 1e-2 * S.sum() + 1e-2 * z.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    want = loss(*leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    name = sys.argv[1]
+    globals()[f"check_{name}"]()
+    print(f"{name} passed")
