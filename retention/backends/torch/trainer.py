@@ -1,0 +1,194 @@
+"""The torch training step: loss and gradients with accumulation, global-norm clipping and an
+explicit AdamW whose math is line for line the MLX trainer's (docs/training.md).
+
+Precision: float32 on the CPU; on CUDA bfloat16 autocast over float32 master weights (the
+parameters, gradients and moments stay float32).
+"""
+from __future__ import annotations
+
+import base64
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retention.config import ModelConfig, TrainConfig
+from retention.params import decays
+from retention.backends.torch.checkpoint_io import load_named_parameters, named_parameters
+from retention.backends.torch.model import build_model
+
+GRAD_NORM_EPS = 1e-6  # clip coefficient = clip_norm / (norm + eps), as torch.nn.utils does
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; "
+                             "leave --device out to train on the CPU")
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return precision
+
+
+class Trainer:
+    """Owns the model, the AdamW moments and the step counter of one run on one device."""
+
+    backend = "torch"
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        if self.device.type == "cpu":
+            # The CPU float32 matmul must not silently become TF32-like reduced precision.
+            torch.set_float32_matmul_precision("highest")
+        self.model = build_model(model_config, seed=config.seed, device=self.device)
+        self.model.train()
+        self.params = named_parameters(self.model)
+        self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.optimizer_step = 0  # AdamW updates applied (skipped steps do not count)
+
+    # --- description ----------------------------------------------------------------------
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    def describe(self) -> str:
+        return f"torch {torch.__version__} on {self.device} ({self.device_name}), {self.precision}"
+
+    # --- the step -------------------------------------------------------------------------
+    def _loss(self, inputs, targets):
+        x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.int64)).to(self.device)
+        y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)).to(self.device)
+        if self.precision == "bfloat16":
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                logits = self.model(x)
+        else:
+            logits = self.model(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def forward_backward(self, micro_batches) -> tuple[float, float]:
+        """Mean loss over the micro-batches and the global gradient norm (grads left in .grad)."""
+        for p in self.params.values():
+            p.grad = None
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in micro_batches:
+            loss = self._loss(inputs, targets)
+            (loss / n).backward()
+            total += loss.detach()
+        grads = [p.grad for p in self.params.values()]
+        norm = torch.sqrt(sum(torch.sum(g * g) for g in grads))
+        return (total / n).item(), norm.item()
+
+    @torch.no_grad()
+    def apply_update(self, lr: float, grad_norm: float) -> None:
+        """Clip by global norm, then one AdamW step with bias correction; weight decay
+        (decoupled) only on the parameters that retention.params.decays names."""
+        c = self.config
+        b1, b2 = c.betas
+        clip = 1.0
+        if c.clip_norm:
+            clip = min(1.0, c.clip_norm / (grad_norm + GRAD_NORM_EPS))
+        self.optimizer_step += 1
+        t = self.optimizer_step
+        step_size = lr / (1.0 - b1 ** t)
+        bc2_sqrt = math.sqrt(1.0 - b2 ** t)
+        for name, p in self.params.items():
+            g = p.grad
+            if clip < 1.0:
+                g = g * clip
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            m.mul_(b1).add_(g, alpha=1.0 - b1)
+            v.mul_(b2).add_(g * g, alpha=1.0 - b2)
+            if c.weight_decay and decays(name):
+                p.mul_(1.0 - lr * c.weight_decay)
+            denom = v.sqrt().div_(bc2_sqrt).add_(c.eps)
+            p.sub_(step_size * (m / denom))
+            p.grad = None
+
+    def train_step(self, micro_batches, lr: float) -> dict:
+        """One optimizer step over `micro_batches` [(inputs_BT, targets_BT) NumPy]; a
+        non-finite loss or gradient norm leaves everything unchanged and reports skipped."""
+        loss, grad_norm = self.forward_backward(micro_batches)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            for p in self.params.values():
+                p.grad = None
+            return {"loss": loss, "grad_norm": grad_norm, "skipped": True}
+        self.apply_update(lr, grad_norm)
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": False}
+
+    @torch.no_grad()
+    def eval_loss(self, batches) -> float:
+        self.model.eval()
+        try:
+            losses = [self._loss(x, y) for x, y in batches]
+            return torch.stack(losses).mean().item()
+        finally:
+            self.model.train()
+
+    # --- state in and out (NumPy, canonical names) ----------------------------------------
+    def parameters_numpy(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().cpu().numpy().copy() for n, p in self.params.items()}
+
+    def load_parameters_numpy(self, tensors: dict) -> None:
+        load_named_parameters(self.model, {n: torch.from_numpy(np.asarray(a, np.float32))
+                                           for n, a in tensors.items()})
+
+    def optimizer_state_numpy(self) -> dict[str, np.ndarray]:
+        out = {f"exp_avg.{n}": m.cpu().numpy().copy() for n, m in self.exp_avg.items()}
+        out.update({f"exp_avg_sq.{n}": v.cpu().numpy().copy() for n, v in self.exp_avg_sq.items()})
+        return out
+
+    def load_optimizer_state_numpy(self, tensors: dict, optimizer_step: int) -> None:
+        for n in self.params:
+            self.exp_avg[n].copy_(torch.from_numpy(np.asarray(tensors[f"exp_avg.{n}"])))
+            self.exp_avg_sq[n].copy_(torch.from_numpy(np.asarray(tensors[f"exp_avg_sq.{n}"])))
+        self.optimizer_step = int(optimizer_step)
+
+    def rng_state(self) -> dict:
+        state = {"backend": "torch",
+                 "cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+        if self.device.type == "cuda":
+            state["cuda"] = base64.b64encode(
+                torch.cuda.get_rng_state(self.device).numpy().tobytes()).decode()
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        if state.get("backend") != "torch":
+            return  # another backend's generator: nothing here draws from it during training
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cpu"])),
+                                             dtype=torch.uint8))
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.frombuffer(
+                bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8), self.device)
+
+    # --- memory ---------------------------------------------------------------------------
+    def peak_memory_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return _process_peak_rss()
+
+    @staticmethod
+    def is_out_of_memory(error: BaseException) -> bool:
+        return isinstance(error, torch.OutOfMemoryError) or (
+            isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def _process_peak_rss() -> int | None:
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if os.uname().sysname == "Darwin" else rss * 1024  # macOS bytes, Linux KiB

@@ -1,0 +1,164 @@
+"""Training checkpoints (docs/training.md): `<out>/checkpoints/step_N/` with the model
+(config.json, model.safetensors), the AdamW moments (optimizer.safetensors, `exp_avg.<name>`
+and `exp_avg_sq.<name>`), trainer_state.json and the tokenizer; a `latest` pointer; keep-last
+pruning; and the checks that make a resume safe. Everything is NumPy, so any backend reads
+what any backend wrote.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from retention.checkpoint import fsync_dir, read_checkpoint, save_checkpoint
+from retention.config import ModelConfig
+
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+TOKENIZER_NAME = "tokenizer.json"
+LATEST = "latest"
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoints_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint that `<out>/checkpoints/latest` names, or None."""
+    pointer = checkpoints_dir(out_dir) / LATEST
+    if not pointer.exists():
+        return None
+    target = checkpoints_dir(out_dir) / pointer.read_text().strip()
+    return target if (target / STATE_NAME).exists() else None
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path:
+    """`latest`, a run directory or a checkpoint directory -> a checkpoint directory."""
+    if resume == LATEST:
+        found = latest_checkpoint(out_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume latest: no checkpoint under "
+                                    f"{checkpoints_dir(out_dir)}; train first or pass a path")
+        return found
+    path = Path(resume)
+    if (path / STATE_NAME).exists():
+        return path
+    for run_dir in (path, path.parent):  # a run directory or its checkpoints/ folder
+        found = latest_checkpoint(run_dir)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no {STATE_NAME}) "
+                            f"and no {CHECKPOINTS}/{LATEST} under it")
+
+
+def _write_pointer(out_dir: Path, name: str) -> None:
+    folder = checkpoints_dir(out_dir)
+    tmp = folder / f".{LATEST}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / LATEST)
+    fsync_dir(folder)
+
+
+def _prune(out_dir: Path, keep_last: int, keep: Path) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in checkpoints_dir(out_dir).glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(out_dir: Path) -> None:
+    """Temporary directories and pointer files of a process that was killed mid-write."""
+    folder = checkpoints_dir(out_dir)
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def tokenizer_json_of(tokenizer) -> str | None:
+    """The tokenizer's tokenizer.json text (what travels with the checkpoint)."""
+    if tokenizer is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        return (Path(tmp) / TOKENIZER_NAME).read_text()
+
+
+def save_training_checkpoint(out_dir: Path, model_config: ModelConfig, trainer, state: dict,
+                             tokenizer, keep_last: int) -> Path:
+    """Write `<out>/checkpoints/step_N` atomically, then point `latest` at it, then prune."""
+    from safetensors.numpy import save_file
+
+    path = checkpoints_dir(out_dir) / f"step_{state['step']:08d}"
+    params = trainer.parameters_numpy()
+    moments = trainer.optimizer_state_numpy()
+
+    def extra(tmp: Path) -> None:
+        save_file(moments, str(tmp / OPTIMIZER_NAME), metadata={"format": "np"})
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)  # tokenizer.json + tokenizer_config.json
+
+    save_checkpoint(path, model_config, params,
+                    write_shard=lambda shard, file: save_file(shard, str(file),
+                                                              metadata={"format": "np"}),
+                    nbytes=lambda a: a.nbytes, extra=extra)
+    _write_pointer(out_dir, path.name)
+    _prune(out_dir, keep_last, path)
+    return path
+
+
+def load_training_checkpoint(path: Path) -> tuple[ModelConfig, dict, dict, dict]:
+    """(model config, parameters, optimizer moments, trainer state) as NumPy, validated."""
+    from safetensors.numpy import load_file
+
+    manifest = read_checkpoint(path)
+    params: dict[str, np.ndarray] = {}
+    for file, names in manifest.shards().items():
+        shard = load_file(str(file))
+        params.update({n: shard[n].astype(np.float32) for n in names})
+    opt_file = path / OPTIMIZER_NAME
+    if not opt_file.exists():
+        raise FileNotFoundError(f"{path} has no {OPTIMIZER_NAME}: it is a model checkpoint, not "
+                                "a training checkpoint; it cannot be resumed")
+    moments = load_file(str(opt_file))
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / STATE_NAME} is corrupt ({e})") from None
+    return manifest.config, params, moments, state
+
+
+def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k}: checkpoint {da[k]!r} vs run {db.get(k)!r}"
+                     for k in da if da[k] != db.get(k))
+
+
+def check_resume_compatible(path: Path, ckpt_config: ModelConfig, run_config: ModelConfig,
+                            tokenizer_json: str | None) -> None:
+    if ckpt_config != run_config:
+        raise ValueError(f"cannot resume {path}: its model config differs from this run's "
+                         f"({_config_diff(ckpt_config, run_config)}); pass the same --model as "
+                         "the checkpoint's run, or start a new run in another --out directory")
+    saved = path / TOKENIZER_NAME
+    saved_json = saved.read_text() if saved.exists() else None
+    if saved_json is not None and tokenizer_json is not None:
+        if json.loads(saved_json) != json.loads(tokenizer_json):
+            raise ValueError(f"cannot resume {path}: it was trained with a different tokenizer "
+                             f"than this run's ({saved}); pass --tokenizer {saved} or the "
+                             "tokenizer of the original run")
+    elif (saved_json is None) != (tokenizer_json is None):
+        raise ValueError(f"cannot resume {path}: it was trained "
+                         f"{'without' if saved_json is None else 'with'} a tokenizer and this "
+                         f"run's data {'uses' if saved_json is None else 'does not use'} one; "
+                         "resume with the same --data as the original run")
