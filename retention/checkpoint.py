@@ -141,6 +141,26 @@ def save_checkpoint(path: str | Path, config: ModelConfig, tensors: Mapping[str,
     return atomic_directory(path, fill)
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from what a user types: the directory itself, a `latest` pointer
+    file, a training run's directory, or its `checkpoints/` folder (both via `latest`)."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if path.is_file() and path.name == "latest":
+        target = path.parent / path.read_text().strip()
+        if (target / CONFIG_NAME).is_file():
+            return target
+    for folder in (path / "checkpoints", path):
+        pointer = folder / "latest"
+        if pointer.is_file():
+            target = folder / pointer.read_text().strip()
+            if (target / CONFIG_NAME).is_file():
+                return target
+    raise FileNotFoundError(f"no checkpoint at {path}: expected a directory with {CONFIG_NAME}, "
+                            "a training run directory, or a 'latest' pointer")
+
+
 def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     from safetensors import SafetensorError, safe_open
     try:
@@ -154,8 +174,10 @@ def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 def read_checkpoint(path: str | Path) -> CheckpointManifest:
     """Validate a checkpoint directory against its config; return where each tensor lives."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if not (path / CONFIG_NAME).exists():
+        path = resolve_checkpoint(path)
     config = ModelConfig.load(path / CONFIG_NAME)
     index_file, single = path / INDEX_NAME, path / WEIGHTS_NAME
     if index_file.exists():

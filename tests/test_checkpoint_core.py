@@ -109,3 +109,15 @@ def test_missing_shard(tmp_path):
     sorted(path.glob("model-*.safetensors"))[-1].unlink()
     with pytest.raises(FileNotFoundError, match="shard"):
         read_checkpoint(path)
+
+
+def test_resolve_checkpoint_from_run_dir_and_pointer(tmp_path):
+    from retention.checkpoint import resolve_checkpoint
+    ckpt = save(tmp_path / "run" / "checkpoints" / "step_00000010")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000010\n")
+    for given in (ckpt, tmp_path / "run", tmp_path / "run" / "checkpoints",
+                  tmp_path / "run" / "checkpoints" / "latest"):
+        assert resolve_checkpoint(given) == ckpt
+        assert read_checkpoint(given).path == ckpt
+    with pytest.raises(FileNotFoundError, match="training run directory"):
+        resolve_checkpoint(tmp_path)

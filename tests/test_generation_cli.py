@@ -77,7 +77,7 @@ def test_saved_state_continues_on_the_other_backend(checkpoint, capsys, tmp_path
 
 def test_user_errors_exit_2_with_a_message(checkpoint, capsys, tmp_path):
     code, _, err = run(capsys, "--checkpoint", tmp_path / "nope", "--prompt", "x")
-    assert code == 2 and "no checkpoint directory" in err
+    assert code == 2 and "no checkpoint at" in err
     code, _, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "x", "--top-p", 0,
                        "--backend", "torch")
     assert code == 2 and "top_p" in err

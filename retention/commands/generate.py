@@ -123,9 +123,8 @@ def load_model(args, checkpoint: Path):
 def run_generate(args) -> int:
     from retention.generation import prompt_state, stream_generate
     from retention.prompt_state import PromptState
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {checkpoint}")
+    from retention.checkpoint import resolve_checkpoint
+    checkpoint = resolve_checkpoint(args.checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     prompt = read_prompt(args)
     model = load_model(args, checkpoint)
