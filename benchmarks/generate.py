@@ -5,6 +5,12 @@ and vs mlx-lm's llama (MLX), random weights, same process, same device.
     python benchmarks/generate.py                                   # this CPU, torch + mlx
     python benchmarks/generate.py --device cuda --contexts 1024 8192 32768 65536
 
+Retention rows: "retention" is the plain functional `model.step` loop; "retention-graph" (CUDA)
+is the GraphDecoder that generate() uses there: the state updated in place in fixed buffers and
+the whole step replayed as one CUDA graph (--no-graph leaves it out); "retention-static" is the
+same decoder without a graph (on the CPU with --graph); "retention-compiled" is the decoder
+with compile=True (fused layers by torch.compile, in the graph on CUDA; --no-compile drops it).
+
 For each context N both models are brought to position N, then `--decode-tokens` greedy
 tokens are timed one by one (after `--warmup` untimed ones, a device sync after each);
 ms/token is their median.
@@ -97,8 +103,6 @@ def kv_tensors(cache):
 def torch_rows(args, config):
     import torch
     from retention.backends import get_backend
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.cache_utils import DynamicCache
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -122,8 +126,10 @@ def torch_rows(args, config):
         return torch.randint(0, config.vocab_size, (1, n), generator=gen).to(device)
 
     # Retention: the recurrent state is all the context there is.
+    from retention.backends.torch.graph_decode import GraphDecoder
     backend = get_backend("torch")
     model = backend.build_model(config, seed=0, device=device).to(dtype).eval()
+    decoder_kwargs = None       # None: the functional model.step loop
 
     def measure(N):
         if args.fill == "prefill":
@@ -134,25 +140,48 @@ def torch_rows(args, config):
         else:
             _, state = model.prefill(random_tokens(256))
             state.offset = N
-        holder = {"state": state}
-
-        def step(tok):
-            logits, holder["state"] = model.step(tok, holder["state"])
-            return logits.argmax(-1)
-
         state_mib = sum(S.numel() * S.element_size() + z.numel() * z.element_size()
                         for S, z in state.layers) / MIB
+        if decoder_kwargs is not None:   # warm-up steps include the capture (and compile)
+            decoder = GraphDecoder(model, state, graph=cuda, warmup=1, **decoder_kwargs)
+            step = lambda tok: decoder.step(tok).argmax(-1)  # noqa: E731
+        else:
+            holder = {"state": state}
+
+            def step(tok):
+                logits, holder["state"] = model.step(tok, holder["state"])
+                return logits.argmax(-1)
         state = None
         peak_start()
-        sec = time_decode(step, random_tokens(1)[:, 0], args.warmup, args.decode_tokens, sync)
+        sec = time_decode(step, random_tokens(1)[:, 0], max(args.warmup, 2),
+                          args.decode_tokens, sync)
         return sec, state_mib, peak_mib()
 
     with torch.inference_mode():
         rows += repeated(args, "torch", "retention", measure)
+        if args.graph:
+            decoder_kwargs = {}
+            rows += repeated(args, "torch", "retention-graph" if cuda else "retention-static",
+                             measure)
+        if args.graph and args.compile:
+            # The opt-in fused layers compiled by inductor, inside the same graph; a failure
+            # (no compiler, an inductor bug) costs this row only.
+            decoder_kwargs = {"compile": True}
+            try:
+                rows += repeated(args, "torch", "retention-compiled", measure)
+            except Exception as e:  # noqa: BLE001
+                print(f"retention-compiled failed: {type(e).__name__}: {e}", file=sys.stderr)
     model = None
     gc.collect()
 
     # Llama with Hugging Face's default (dynamic) KV cache.
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.cache_utils import DynamicCache
+    except ImportError:
+        print("transformers is not installed (pip install transformers): skipping the Llama "
+              "baseline", file=sys.stderr)
+        return rows
     lconf = LlamaConfig(**llama_kwargs(config, max(args.contexts) + args.decode_tokens + 64))
     llama = LlamaForCausalLM(lconf).to(device=device, dtype=dtype).eval()
     # transformers >= 5.x names the argument `cache`; older releases `past_key_values`.
@@ -290,33 +319,48 @@ def mlx_rows(args, config):
 
 
 # --- report --------------------------------------------------------------------------------
-HEADER = (f"{'framework':9s} {'model':13s} {'context':>8s} {'ms/token':>9s} {'tokens/s':>9s} "
+HEADER = (f"{'framework':9s} {'model':18s} {'context':>8s} {'ms/token':>9s} {'tokens/s':>9s} "
           f"{'state MiB':>10s} {'peak MiB':>9s}")
 
 
 def print_row(r):
     peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-    print(f"{r['framework']:9s} {r['model']:13s} {r['context']:8d} {r['ms_per_token']:9.2f} "
+    print(f"{r['framework']:9s} {r['model']:18s} {r['context']:8d} {r['ms_per_token']:9.2f} "
           f"{1e3 / r['ms_per_token']:9.1f} {r['state_mib']:10.1f} {peak:>9s}", flush=True)
 
 
 def summary(rows) -> list[str]:
     lines = []
     for fw in sorted({r["framework"] for r in rows}):
-        ours = {r["context"]: r["ms_per_token"] for r in rows
-                if r["framework"] == fw and r["model"] == "retention"}
         base = {r["context"]: r["ms_per_token"] for r in rows
-                if r["framework"] == fw and r["model"] != "retention"}
-        if len(ours) > 1:
-            lo, hi = min(ours), max(ours)
-            spread = max(ours.values()) / min(ours.values()) - 1
-            lines.append(f"{fw}: retention decode {ours[hi]:.2f} ms at {hi} vs {ours[lo]:.2f} ms "
-                         f"at {lo}; max/min - 1 = {spread:.1%} "
-                         f"({'flat within 10%' if spread <= 0.10 else 'NOT within 10%'})")
-        for n in sorted(set(ours) & set(base)):
-            lines.append(f"{fw}: at {n} tokens the KV-cache baseline takes "
-                         f"{base[n] / ours[n]:.2f}x retention's time per token")
+                if r["framework"] == fw and not r["model"].startswith("retention")}
+        variants = sorted({r["model"] for r in rows
+                           if r["framework"] == fw and r["model"].startswith("retention")})
+        for variant in variants:
+            ours = {r["context"]: r["ms_per_token"] for r in rows
+                    if r["framework"] == fw and r["model"] == variant}
+            if len(ours) > 1:
+                lo, hi = min(ours), max(ours)
+                spread = max(ours.values()) / min(ours.values()) - 1
+                lines.append(f"{fw}: {variant} decode {ours[hi]:.2f} ms at {hi} vs "
+                             f"{ours[lo]:.2f} ms at {lo}; max/min - 1 = {spread:.1%} "
+                             f"({'flat within 10%' if spread <= 0.10 else 'NOT within 10%'})")
+            for n in sorted(set(ours) & set(base)):
+                lines.append(f"{fw}: at {n} tokens the KV-cache baseline takes "
+                             f"{base[n] / ours[n]:.2f}x {variant}'s time per token")
     return lines
+
+
+def markdown(rows) -> str:
+    """The rows as the docs/benchmarks.md table."""
+    out = ["| framework | model | context | ms/token | tokens/s | state / KV cache MiB "
+           "| peak MiB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        peak = "–" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
+        out.append(f"| {r['framework']} | {r['model']} | {r['context']:,} | "
+                   f"{r['ms_per_token']:,.2f} | {1e3 / r['ms_per_token']:,.1f} | "
+                   f"{r['state_mib']:,.1f} | {peak} |")
+    return "\n".join(out)
 
 
 def cpu_name() -> str:
@@ -368,6 +412,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 avoids OpenMP spin-waits "
                    "on a shared machine")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the GraphDecoder that generate() uses (a CUDA graph per "
+                   "step on CUDA, static in-place buffers on the CPU); default: on for cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --graph, also time GraphDecoder(compile=True): fused layers "
+                   "compiled by torch.compile inside the graph (default: on for cuda)")
     p.add_argument("--json", help="also write the rows and environment to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -375,6 +425,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     args.fill = args.fill or ("prefill" if cuda else "random")
+    args.graph = cuda if args.graph is None else args.graph
+    args.compile = cuda if args.compile is None else args.compile
     frameworks = args.frameworks or (["torch"] if cuda else ["torch", "mlx"])
     config = preset_config(args.preset, args.vocab_size)
     env = environment(args)
@@ -387,6 +439,9 @@ def main(argv=None) -> int:
     if "mlx" in frameworks:
         rows += mlx_rows(args, config)
     lines = summary(rows)
+    print()
+    print(markdown(rows))
+    print()
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:

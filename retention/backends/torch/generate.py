@@ -1,6 +1,12 @@
 """Generation glue for torch (the MLX backend has the same functions): runs prefill/step
 without autograd on the model's device, hands logits to the core loop as float32 NumPy, and
-converts states to and from PromptState. The loop itself is retention.generation."""
+converts states to and from PromptState. The loop itself is retention.generation.
+
+Decode steps go through a GraphDecoder (graph_decode.py): the state lives in fixed buffers
+updated in place and, on CUDA, each step is one CUDA-graph replay (model.cuda_graphs = False
+or RETENTION_CUDA_GRAPHS=0 turns capture off). `step` therefore returns the decoder as the
+new state and advances it in place when it is given one back: the state handed to `step`
+is consumed, as in the core loop."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +14,7 @@ import torch
 
 from retention import generation
 from retention.prompt_state import PromptState, config_hash
+from retention.backends.torch.graph_decode import GraphDecoder
 from retention.backends.torch.model import ModelState
 
 name = "torch"
@@ -30,13 +37,17 @@ def prefill(model, tokens_BT: np.ndarray, state: ModelState | None):
 
 
 @torch.inference_mode()
-def step(model, tokens_B: np.ndarray, state: ModelState):
-    tokens = torch.from_numpy(np.asarray(tokens_B, dtype=np.int64)).to(_device(model))
-    logits, new_state = model.step(tokens, state)
-    return _last_logits(logits), new_state
+def step(model, tokens_B: np.ndarray, state):
+    """(logits [B, V], decoder): a ModelState (or None) is copied into a new GraphDecoder
+    once; a GraphDecoder from the previous step is advanced in place."""
+    tokens = torch.from_numpy(np.asarray(tokens_B, dtype=np.int64).reshape(-1))
+    if not isinstance(state, GraphDecoder) or state.batch_size != tokens.shape[0]:
+        state = GraphDecoder(model, state, batch_size=tokens.shape[0])
+    return _last_logits(state.step(tokens)), state
 
 
-def select_rows(state: ModelState, rows) -> ModelState:
+def select_rows(state, rows) -> ModelState:
+    """The rows' state as a ModelState (from a ModelState or a GraphDecoder)."""
     if not state.layers or state.layers[0] is None:
         return state
     index = torch.as_tensor(rows, dtype=torch.long, device=state.layers[0][0].device)
@@ -44,12 +55,12 @@ def select_rows(state: ModelState, rows) -> ModelState:
                        for S, z in state.layers], state.offset)
 
 
-def state_nbytes(state: ModelState) -> int:
+def state_nbytes(state) -> int:
     return sum(S.numel() * S.element_size() + z.numel() * z.element_size()
                for S, z in state.layers if S is not None)
 
 
-def state_to_numpy(state: ModelState, config=None) -> PromptState:
+def state_to_numpy(state, config=None) -> PromptState:
     layers = [(S.detach().float().cpu().numpy(), z.detach().float().cpu().numpy())
               for S, z in state.layers]
     return PromptState(layers, state.offset, None,

@@ -14,13 +14,15 @@ from torch import nn
 
 from retention.config import ModelConfig
 from retention.params import init_std, parameter_shapes
-from retention.backends.torch.power_retention import power_retention, power_retention_step
+from retention.backends.torch.power_retention import (power_retention, power_retention_step,
+                                                      power_retention_step_)
 
 
 @dataclass
 class ModelState:
     """Recurrent state after some tokens: (S [B,H,D,hd], z [B,H,D]) per layer, float32, and
-    the number of tokens seen (the RoPE offset of the next token)."""
+    the number of tokens seen (the RoPE offset of the next token): an int, or a 0-d integer
+    tensor on the model's device (what a captured CUDA graph advances; see graph_decode.py)."""
     layers: list = field(default_factory=list)
     offset: int = 0
 
@@ -37,11 +39,15 @@ class RMSNorm(nn.Module):
         return (out * self.weight.float()).to(x.dtype)
 
 
-def rope_cos_sin(offset: int, T: int, head_dim: int, theta: float, device):
-    """cos, sin [T, hd] in float32 for positions offset..offset+T-1 (HF rotate_half layout)."""
+def rope_cos_sin(offset, T: int, head_dim: int, theta: float, device):
+    """cos, sin [T, hd] in float32 for positions offset..offset+T-1 (HF rotate_half layout).
+    offset: an int, or a 0-d tensor on `device`, so a captured CUDA graph can advance it."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device,
                                             dtype=torch.float32) / head_dim)
-    pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
+    if isinstance(offset, torch.Tensor):   # exact: integer positions < 2**24 in float32
+        pos = torch.arange(T, device=device, dtype=torch.float32) + offset.to(torch.float32)
+    else:
+        pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
     angles = torch.cat([torch.outer(pos, inv_freq)] * 2, dim=-1)
     return angles.cos(), angles.sin()
 
@@ -83,11 +89,16 @@ class Attention(nn.Module):
         y, new_state = out if return_state else (out, None)
         return self.o_proj(y.reshape(B, T, c.q_dim)), new_state
 
-    def step(self, x_B1C, cos, sin, state, impl="auto"):
+    def step(self, x_B1C, cos, sin, state, impl="auto", inplace=False):
         c, B = self.config, x_B1C.shape[0]
         q, k, v, log_g = self.qkvg(x_B1C, cos, sin)
-        y, new_state = power_retention_step(q[:, 0], k[:, 0], v[:, 0], log_g[:, 0], state,
-                                            degree=c.degree, impl=impl)
+        if inplace:   # the state's own buffers take the new state (GraphDecoder)
+            y = power_retention_step_(q[:, 0], k[:, 0], v[:, 0], log_g[:, 0], state,
+                                      degree=c.degree, impl=impl)
+            new_state = state
+        else:
+            y, new_state = power_retention_step(q[:, 0], k[:, 0], v[:, 0], log_g[:, 0], state,
+                                                degree=c.degree, impl=impl)
         return self.o_proj(y.reshape(B, 1, c.q_dim)), new_state
 
 
@@ -110,10 +121,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, state=None, return_state=False, step=False, impl="auto"):
+    def forward(self, x, cos, sin, state=None, return_state=False, step=False, impl="auto",
+                inplace=False):
         h = self.input_layernorm(x)
         if step:
-            a, new_state = self.self_attn.step(h, cos, sin, state, impl=impl)
+            a, new_state = self.self_attn.step(h, cos, sin, state, impl=impl, inplace=inplace)
         else:
             a, new_state = self.self_attn(h, cos, sin, state, return_state, impl=impl)
         x = x + a
@@ -139,6 +151,9 @@ class RetentionLLM(nn.Module):
 
     # Which power-retention path the layers use ("auto" | "kernel" | "ops").
     impl: str = "auto"
+    # generate/stream_generate replay the decode step as a CUDA graph on CUDA devices
+    # (retention/backends/torch/graph_decode.py); False runs it eagerly.
+    cuda_graphs: bool = True
 
     def __init__(self, config: ModelConfig, *, seed: int = 0, device=None, init: bool = True):
         super().__init__()
@@ -170,7 +185,7 @@ class RetentionLLM(nn.Module):
             else self.lm_head.weight
         return F.linear(h, weight).float()
 
-    def _rope(self, offset: int, T: int, device):
+    def _rope(self, offset, T: int, device):
         c = self.config
         return rope_cos_sin(offset, T, c.head_dim, c.rope_theta, device)
 
@@ -203,14 +218,19 @@ class RetentionLLM(nn.Module):
             raise ValueError(f"step takes tokens [B] or [B,1], got shape {tuple(tokens.shape)}; "
                              "use prefill for longer inputs")
         state = ModelState([None] * self.config.n_layers, 0) if state is None else state
-        cos, sin = self._rope(state.offset, 1, tokens_B1.device)
+        logits, layer_states = self._step_layers(tokens_B1, state.layers, state.offset)
+        return (logits[:, 0] if squeeze else logits), ModelState(layer_states, state.offset + 1)
+
+    def _step_layers(self, tokens_B1, layers, offset, inplace: bool = False):
+        """(logits [B,1,V], new layer states) of one token at position `offset` (int or 0-d
+        tensor); inplace=True writes each layer's new (S, z) into the given tensors."""
+        cos, sin = self._rope(offset, 1, tokens_B1.device)
         x = self.model.embed_tokens(tokens_B1)
         layer_states = []
         for i, layer in enumerate(self.model.layers):
-            x, s = layer(x, cos, sin, state.layers[i], step=True, impl=self.impl)
+            x, s = layer(x, cos, sin, layers[i], step=True, impl=self.impl, inplace=inplace)
             layer_states.append(s)
-        logits = self._logits(x)
-        return (logits[:, 0] if squeeze else logits), ModelState(layer_states, state.offset + 1)
+        return self._logits(x), layer_states
 
     # --- generation (retention/generation.py is the loop; added by the generation issue) -----
     def generate(self, tokens, max_new_tokens: int = 256, **kwargs):

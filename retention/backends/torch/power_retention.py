@@ -204,13 +204,7 @@ def power_retention_ops(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int =
 
 # --- one recurrent token ----------------------------------------------------------------
 
-def power_retention_step_ops(q_BQd, k_BHd, v_BHd, log_g_BH=None, state=None, *,
-                             degree: int = 2, scale: float | None = None):
-    """One token: S = g S + phi(k) v^T, z = g z + phi(k), y = phi(q).S / phi(q).z.
-
-    The new token's own term is taken as (scale q.k)^p in score space, like the chunked form
-    does inside a chunk: exact when the state is empty, and no cancellation across D features.
-    """
+def _check_step_inputs(q_BQd, k_BHd, v_BHd, log_g_BH, degree):
     if q_BQd.ndim != 3 or k_BHd.shape != v_BHd.shape or k_BHd.ndim != 3 \
             or q_BQd.shape[0] != k_BHd.shape[0] or q_BQd.shape[2] != k_BHd.shape[2]:
         raise ValueError(f"expected q [B,Hq,d], k and v [B,H,d]; got {tuple(q_BQd.shape)}, "
@@ -223,34 +217,135 @@ def power_retention_step_ops(q_BQd, k_BHd, v_BHd, log_g_BH=None, state=None, *,
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({H})")
     if log_g_BH is not None and tuple(log_g_BH.shape) != (B, H):
         raise ValueError(f"log_g must have shape [B,H] = {(B, H)}, got {tuple(log_g_BH.shape)}")
-    R, D, p = Hq // H, feature_dim(d, degree), degree
-    cdt, device = _compute_dtype(q_BQd), q_BQd.device
+    return B, Hq, H, d
+
+
+def _step_read(q_BQd, k_BHd, v_BHd, log_g_BH, S, z, degree, scale):
+    """y [B,Hq,d] of one token against the old state (S, z) (compute dtype) plus its own
+    term, and what the update needs: (gate [B,H,1], phi(k) [B,H,D], v [B,H,d])."""
+    B, Hq, d = q_BQd.shape
+    H = k_BHd.shape[1]
+    R, p = Hq // H, degree
+    cdt, device = S.dtype, q_BQd.device
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    aug = _state_aug(state, B, H, D, d, cdt, device)
     log_gate = (torch.zeros(B, H, dtype=cdt, device=device) if log_g_BH is None
                 else log_g_BH.to(cdt))[..., None]                          # [B,H,1]
     q = q_BQd.to(cdt).view(B, H, R, d) * scale
-    k = k_BHd.to(cdt)
-    v_e = torch.cat([v_BHd.to(cdt), torch.ones(B, H, 1, dtype=cdt, device=device)], -1)
+    k, v = k_BHd.to(cdt), v_BHd.to(cdt)
 
-    read = phi(q, p) @ aug                                                  # [B,H,R,e]
+    phi_q = phi(q, p)                                                       # [B,H,R,D]
+    read_num = phi_q @ S                                                    # [B,H,R,d]
+    read_den = (phi_q @ z.unsqueeze(-1))[..., 0]                            # [B,H,R]
     s = (q @ k.unsqueeze(-1))[..., 0]                                       # [B,H,R]
     nonzero = s != 0
     log_self = torch.where(nonzero, p * torch.log(torch.where(nonzero, s.abs(),
                                                                torch.ones_like(s))),
                            torch.full_like(s, -math.inf))
-    has_state = read[..., d] > 0
+    has_state = read_den > 0
     with torch.no_grad():  # common scale of both parts; it cancels in the ratio
-        log_read = torch.where(has_state, torch.log(read[..., d].clamp_min(1e-38)) + log_gate,
+        log_read = torch.where(has_state, torch.log(read_den.clamp_min(1e-38)) + log_gate,
                                torch.full_like(s, -math.inf))
         alpha = torch.maximum(log_self, log_read)
         alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
     w_read = torch.exp(torch.where(has_state, log_gate - alpha, torch.full_like(s, -math.inf)))
-    out = w_read.unsqueeze(-1) * read + torch.exp(log_self - alpha).unsqueeze(-1) * v_e[:, :, None]
-    y = (out[..., :d] / out[..., d:]).reshape(B, Hq, d).to(q_BQd.dtype)
+    w_self = torch.exp(log_self - alpha)
+    num = w_read.unsqueeze(-1) * read_num + w_self.unsqueeze(-1) * v[:, :, None]
+    den = w_read * read_den + w_self
+    y = (num / den.unsqueeze(-1)).reshape(B, Hq, d).to(q_BQd.dtype)
+    return y, (torch.exp(log_gate), phi(k, p), v)
 
-    new_aug = torch.exp(log_gate)[..., None] * aug + phi(k, p).unsqueeze(-1) * v_e.unsqueeze(-2)
-    return y, _split_state(new_aug)
+
+def power_retention_step_ops(q_BQd, k_BHd, v_BHd, log_g_BH=None, state=None, *,
+                             degree: int = 2, scale: float | None = None):
+    """One token: S = g S + phi(k) v^T, z = g z + phi(k), y = phi(q).S / phi(q).z.
+
+    The new token's own term is taken as (scale q.k)^p in score space, like the chunked form
+    does inside a chunk: exact when the state is empty, and no cancellation across D features.
+    Functional (the given state is left as it was); power_retention_step_ updates in place.
+    """
+    B, Hq, H, d = _check_step_inputs(q_BQd, k_BHd, v_BHd, log_g_BH, degree)
+    D, cdt = feature_dim(d, degree), _compute_dtype(q_BQd)
+    if state is None:
+        S = torch.zeros(B, H, D, d, dtype=cdt, device=q_BQd.device)
+        z = torch.zeros(B, H, D, dtype=cdt, device=q_BQd.device)
+    else:
+        S, z = state
+        check_state_shapes(S.shape, z.shape, B, H, D, d)
+        S, z = S.to(cdt), z.to(cdt)
+    y, (g_BH1, phi_k, v) = _step_read(q_BQd, k_BHd, v_BHd, log_g_BH, S, z, degree, scale)
+    # Same arithmetic as the in-place update below, so both give the same bits.
+    S_new = (S * g_BH1[..., None]).addcmul_(phi_k.unsqueeze(-1), v.unsqueeze(-2))
+    z_new = (z * g_BH1).add_(phi_k)
+    return y, (S_new, z_new)
+
+
+def _step_ops_(q_BQd, k_BHd, v_BHd, log_g_BH, S, z, degree, scale):
+    y, (g_BH1, phi_k, v) = _step_read(q_BQd, k_BHd, v_BHd, log_g_BH, S, z, degree, scale)
+    S.mul_(g_BH1[..., None]).addcmul_(phi_k.unsqueeze(-1), v.unsqueeze(-2))
+    z.mul_(g_BH1).add_(phi_k)
+    return y
+
+
+@lru_cache(maxsize=None)
+def _decode_tables(d: int, device: torch.device):
+    """(i, j, weight) of each canonical degree-2 feature, on `device`, for the decode kernel;
+    cached so a captured CUDA graph never copies them from the host."""
+    tuples, weights = feature_index(d, 2)
+    with torch.inference_mode(False):
+        return (torch.as_tensor(tuples[:, 0].copy(), dtype=torch.int32, device=device),
+                torch.as_tensor(tuples[:, 1].copy(), dtype=torch.int32, device=device),
+                torch.as_tensor(weights, dtype=torch.float32, device=device))
+
+
+def _step_kernel_(q_BQd, k_BHd, v_BHd, log_g_BH, S, z, degree, scale):
+    """The Triton decode kernel writing the new S over the old one. Each program reads and
+    writes only its own S tiles, but every value tile reads all of z, so z is read from a
+    copy (B*H*D floats, small) and written in place."""
+    if degree != 2:
+        raise NotImplementedError(f"the Triton decode kernel implements degree 2, got {degree}")
+    B, Hq, d = q_BQd.shape
+    H, D = k_BHd.shape[1], S.shape[2]
+    if d % 16 or not 16 <= d <= 256 or S.dtype != torch.float32 or \
+            len({q_BQd.dtype, k_BHd.dtype, v_BHd.dtype}) != 1 or \
+            q_BQd.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"head dim {d}, dtypes {q_BQd.dtype}/{S.dtype}")
+    import triton
+    from retention.kernels.triton import decode
+    ii, jj, wt = _decode_tables(d, q_BQd.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    log_g = (torch.zeros(B, H, dtype=torch.float32, device=q_BQd.device) if log_g_BH is None
+             else log_g_BH.float().contiguous())
+    z_old = z.clone()
+    y = torch.empty(B, Hq, d, dtype=q_BQd.dtype, device=q_BQd.device)
+    bv = min(d, 32)
+    decode._step[(B * H, d // bv)](
+        q_BQd.contiguous(), k_BHd.contiguous(), v_BHd.contiguous(), log_g, S, z_old, S, z, y,
+        ii, jj, wt, scale, H, Hq, D, D_HEAD=d, RGP=triton.next_power_of_2(Hq // H), BF=64,
+        BV=bv, num_warps=4)
+    return y
+
+
+def power_retention_step_(q_BQd, k_BHd, v_BHd, log_g_BH, state, *, degree: int = 2,
+                          scale: float | None = None, impl: str = "auto"):
+    """One recurrent token written into `state` = (S [B,H,D,d], z [B,H,D]) in place (both
+    contiguous, float32, or float64 for float64 inputs); returns y [B,Hq,d]. Nothing of the
+    state's size is allocated, so a decode loop (or a captured CUDA graph) reuses the same
+    buffers every token. No autograd: call it under torch.no_grad / inference_mode."""
+    B, Hq, H, d = _check_step_inputs(q_BQd, k_BHd, v_BHd, log_g_BH, degree)
+    S, z = state
+    check_state_shapes(S.shape, z.shape, B, H, feature_dim(d, degree), d)
+    cdt = _compute_dtype(q_BQd)
+    if S.dtype != cdt or z.dtype != cdt or not (S.is_contiguous() and z.is_contiguous()):
+        raise ValueError(f"an in-place state must be contiguous {cdt} tensors, got S {S.dtype} "
+                         f"and z {z.dtype}; copy it once with .to({cdt}).contiguous()")
+    if resolve_impl(impl, q_BQd) == "kernel":
+        try:
+            return _step_kernel_(q_BQd, k_BHd, v_BHd, log_g_BH, S, z, degree, scale)
+        except NotImplementedError as e:
+            _warn_once(("fallback-step_", impl, degree),
+                       f"power_retention_step_: the Triton kernel does not cover these inputs "
+                       f"({e}); using the ops path")
+    return _step_ops_(q_BQd, k_BHd, v_BHd, log_g_BH, S, z, degree, scale)
 
 
 # --- dispatcher -------------------------------------------------------------------------
