@@ -25,13 +25,7 @@ def golden_config(out):
                        log_interval=100, out_dir=str(out), progress=False, tensorboard=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])

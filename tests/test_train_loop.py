@@ -18,14 +18,7 @@ TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=
                    mlp_hidden=64, chunk_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is faster, and immune to a busy machine's contention."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -3,13 +3,7 @@ with tokenizer, a generated sample, the plot, and where everything is."""
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
