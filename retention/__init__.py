@@ -4,7 +4,7 @@ Importing this package pulls in neither torch nor mlx; a backend is imported whe
 """
 from retention.config import ModelConfig, TrainConfig, create_model_config
 from retention.backends import get_backend, load_model, save_model
-from retention.train import train  # noqa: E402  (rebinds the name from the submodule to the function)
+from retention.train import train  # rebinds the name from the submodule to the function
 
 __version__ = "0.1.0"
 

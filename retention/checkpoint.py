@@ -189,6 +189,9 @@ def read_checkpoint(path: str | Path) -> CheckpointManifest:
     elif single.exists():
         weight_map, shard_names = None, [WEIGHTS_NAME]
     else:
+        if (path / "dcp").is_dir():  # a multi-process torch run's sharded checkpoint
+            raise FileNotFoundError(f"{path} is a sharded (FSDP) checkpoint; write its "
+                                    f"{WEIGHTS_NAME} with `retention export {path}`")
         raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} or {INDEX_NAME}")
 
     found: dict[str, tuple[tuple[int, ...], str]] = {}

@@ -175,6 +175,8 @@ class TrainConfig:
     tensorboard: bool = True                   # write event files when tensorboard is installed
     wandb_project: "str | None" = None         # log to Weights & Biases when set and installed
     progress: bool = True                      # console progress bar
+    activation_checkpointing: bool = False     # torch: recompute each layer in the backward
+    compile: bool = False                      # torch: torch.compile each decoder layer
 
     def __post_init__(self):
         if isinstance(self.betas, list):

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retention.config import TrainConfig
+from retention.distributed import (QuietLogger, Ranks, distributed_trainer_class, init_ranks,
+                                  shard_data)
 from retention.metrics import TrainingLogger, flops_per_token, peak_flops
 from retention.schedule import learning_rate, schedule_for
 from retention.train_checkpoint import (remove_leftovers, tokenizer_json_of,
                                         check_resume_compatible, latest_checkpoint,
-                                        load_training_checkpoint, resolve_resume,
-                                        save_training_checkpoint)
+                                        load_checkpoint_tensors, read_training_state,
+                                        resolve_resume, save_training_checkpoint)
 from retention.train_data import SYNTHETIC, SYNTHETIC_VOCAB, Data, build_data, source_names
 
 STATE_FORMAT_VERSION = 1
@@ -42,6 +44,7 @@ class TrainResult:
     summary: dict
     interrupted: bool = False
     losses: list = field(default_factory=list)
+    rank: int = 0                   # of a multi-process run (only rank 0 logs and prints)
 
 
 # --- signals -------------------------------------------------------------------------------
@@ -71,9 +74,11 @@ class StopFlag:
 
 # --- the loop ------------------------------------------------------------------------------
 
-def trainer_class(backend: str):
+def trainer_class(backend: str, ranks: Ranks | None = None):
     from retention.backends import get_backend
     get_backend(backend)  # clear error when the framework is missing
+    if ranks is not None and ranks.distributed:
+        return distributed_trainer_class(backend)
     return importlib.import_module(f"retention.backends.{backend}.trainer").Trainer
 
 
@@ -97,12 +102,18 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
         raise ValueError(f"{out_dir} already holds a training run; pass --resume latest to "
                          "continue it, or choose another --out directory")
 
-    ckpt = load_training_checkpoint(resume_path) if resume_path else None
+    # Under torchrun/accelerate/mlx.launch: each rank reads its slice of the global batch
+    # (batch_size x ranks rows), so steps, tokens and the schedule count global tokens.
+    ranks = init_ranks(backend, config.device)
+    run = config.replace(batch_size=config.batch_size * ranks.world) if ranks.distributed \
+        else config
+    say = print if ranks.main else (lambda *a, **k: None)
+    ckpt = read_training_state(resume_path) if resume_path else None
     if source_names(config) == [SYNTHETIC]:
         model_config = config.model_config(SYNTHETIC_VOCAB)
-        data = build_data(config, model_config.vocab_size)
+        data = build_data(run, model_config.vocab_size)
     else:
-        data = build_data(config)
+        data = build_data(run)
         model_config = config.model_config(data.vocab_size)
         if model_config.vocab_size < data.vocab_size:
             raise ValueError(f"the model's vocab_size {model_config.vocab_size} is smaller than "
@@ -110,43 +121,49 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
     tokenizer_json = tokenizer_json_of(data.tokenizer)
     if ckpt is not None:
         check_resume_compatible(resume_path, ckpt[0], model_config, tokenizer_json)
+    data = shard_data(data, ranks)
 
-    trainer = trainer_class(backend)(model_config, config)
-    print(f"backend: {backend}; device: {trainer.describe()}", flush=True)
-    total_steps = config.total_steps
+    cls = trainer_class(backend, ranks)
+    trainer = cls(model_config, config, ranks) if ranks.distributed else cls(model_config, config)
+    say(f"backend: {backend}; device: {trainer.describe()}", flush=True)
+    total_steps = run.total_steps
     step, tokens_seen, streak = 0, 0, 0
     if ckpt is not None:
-        _, params, moments, state = ckpt
-        trainer.load_parameters_numpy(params)
-        trainer.load_optimizer_state_numpy(moments, state["optimizer_step"])
+        _, state = ckpt
+        load_checkpoint_tensors(trainer, resume_path, state["optimizer_step"])
         trainer.set_rng_state(state.get("rng", {}))
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         streak = int(state.get("nonfinite_streak", 0))
         position = state.get("data_position")
-        same_data = (state.get("train_config", {}).get("data") == config.data
-                     and state.get("train_config", {}).get("seq_len") == config.seq_len
-                     and state.get("train_config", {}).get("batch_size") == config.batch_size)
+        saved = state.get("train_config", {})
+        same_data = (saved.get("data") == config.data and saved.get("seq_len") == config.seq_len
+                     and saved.get("batch_size", 0) * state.get("world_size", 1)
+                     == run.batch_size)
         if position is not None and same_data:
             data.train.load_state_dict(position)
         else:
-            print("data, seq_len or batch_size changed since the checkpoint: reading the data "
-                  "from its start", flush=True)
-        print(f"resumed from {resume_path} at step {step} ({tokens_seen:,} tokens seen; "
-              f"written by the {state.get('backend')} backend)", flush=True)
-        TrainingLogger.truncate(out_dir, step)
-    elif (out_dir / "metrics.jsonl").exists():
+            say("data, seq_len or global batch size changed since the checkpoint: reading the "
+                "data from its start", flush=True)
+        say(f"resumed from {resume_path} at step {step} ({tokens_seen:,} tokens seen; "
+            f"written by the {state.get('backend')} backend)", flush=True)
+        if ranks.main:
+            TrainingLogger.truncate(out_dir, step)
+    elif ranks.main and (out_dir / "metrics.jsonl").exists():
         (out_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out_dir)
-    (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)
+        (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2)
+                                                   + "\n")
+    ranks.comm.barrier()
 
     flops_tok = flops_per_token(model_config, config.seq_len)
     peak = peak_flops(trainer.device_name, trainer.precision, config.peak_flops)
     logger = TrainingLogger(out_dir, config.log_interval, total_steps=total_steps,
                             start_step=step, progress=config.progress,
                             tensorboard=config.tensorboard, wandb_project=config.wandb_project,
-                            run_config=config.to_dict())
-    schedule = schedule_for(config)
+                            run_config=config.to_dict()) if ranks.main else QuietLogger()
+    schedule = schedule_for(run)
     checkpoint: Path | None = resume_path
     losses: list[float] = []
 
@@ -157,13 +174,19 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
                 "data_position": data.train.state_dict(), "rng": trainer.rng_state(),
                 "schedule": schedule, "nonfinite_streak": streak,
                 "train_config": config.to_dict(), "model_config": model_config.to_dict(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **({"world_size": ranks.world} if ranks.distributed else {})}
 
     def save() -> Path | None:
         nonlocal checkpoint
         try:
-            path = save_training_checkpoint(out_dir, model_config, trainer, trainer_state(),
-                                            data.tokenizer, config.keep_last)
+            if ranks.distributed:  # collective: every rank writes its part, rank 0 the rest
+                path = trainer.save_training_checkpoint(out_dir, model_config, trainer_state(),
+                                                        data.tokenizer, config.keep_last)
+            else:
+                path = save_training_checkpoint(out_dir, model_config, trainer,
+                                                trainer_state(), data.tokenizer,
+                                                config.keep_last)
         except OSError as e:
             logger.write(f"checkpoint at step {step} failed ({e}); "
                          + (f"the previous checkpoint {checkpoint} is still valid"
@@ -187,15 +210,15 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
                     raise
                 elapsed = time.perf_counter() - t0
                 step += 1
-                tokens_seen += config.tokens_per_step
-                tps = config.tokens_per_step / max(elapsed, 1e-9)
+                tokens_seen += run.tokens_per_step
+                tps = run.tokens_per_step / max(elapsed, 1e-9)
                 metrics = {"loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                            "tokens_per_sec": tps, "tokens": tokens_seen,
                            "step_time": elapsed}
                 if math.isfinite(result["loss"]):
                     metrics["perplexity"] = math.exp(min(result["loss"], 700.0))
-                if peak:
-                    metrics["mfu"] = tps * flops_tok / peak
+                if peak:  # per device: each rank runs 1/world of the tokens
+                    metrics["mfu"] = tps / ranks.world * flops_tok / peak
                 mem = trainer.peak_memory_bytes()
                 if mem:
                     metrics["peak_memory_gb"] = mem / 1e9
@@ -218,7 +241,7 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
                         f"Parameters are those of the last good step"
                         + (f", saved to {path}" if path else "")
                         + "; lower --lr, raise warmup_steps or check the data, then resume")
-                if stop.signal is not None:
+                if ranks.comm.any(stop.signal is not None):  # all ranks stop at one step
                     interrupted = True
                     break
                 if config.save_every and step % config.save_every == 0 and step < total_steps:
@@ -226,15 +249,17 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
             path = save() if checkpoint is None or not checkpoint.name.endswith(
                 f"{step:08d}") else checkpoint
             if interrupted:
-                name = signal.Signals(stop.signal).name
+                name = signal.Signals(stop.signal).name if stop.signal else "a signal"
                 logger.write(f"{name} received: stopped after step {step}; "
                              + (f"checkpoint saved to {path}; continue with --resume latest"
                                 if path else "the checkpoint could not be saved"))
     finally:
         logger.close()
+    if ranks.distributed:
+        trainer.close()  # only after a clean finish: a rank that failed must not wait on others
     summary = logger.get_summary()
     return TrainResult(out_dir, backend, step, tokens_seen, checkpoint, summary, interrupted,
-                       losses)
+                       losses, ranks.rank)
 
 
 def _validate(trainer, data: Data, n_batches: int) -> float:

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from retention.checkpoint import fsync_dir, read_checkpoint, save_checkpoint
+from retention.checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _fsync_tree,
+                                  atomic_directory, fsync_dir, read_checkpoint, save_checkpoint,
+                                  write_model_files)
 from retention.config import ModelConfig
 
+DCP_DIR = "dcp"  # torch.distributed.checkpoint files of a sharded (FSDP) run
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -117,10 +120,97 @@ def save_training_checkpoint(out_dir: Path, model_config: ModelConfig, trainer, 
     return path
 
 
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint of a torch FSDP run: its tensors are in `dcp/` (torch.distributed.checkpoint),
+    and model.safetensors is there only once it has been exported (`retention export`)."""
+    return (Path(path) / DCP_DIR).is_dir() and not (Path(path) / WEIGHTS_NAME).exists() \
+        and not (Path(path) / INDEX_NAME).exists()
+
+
+def read_training_state(path: Path) -> tuple[ModelConfig, dict]:
+    """(model config, trainer state) without reading any tensor."""
+    try:
+        state = json.loads((Path(path) / STATE_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{Path(path) / STATE_NAME} is corrupt ({e})") from None
+    if is_sharded_checkpoint(path):
+        return ModelConfig.load(Path(path) / CONFIG_NAME), state
+    if not (Path(path) / OPTIMIZER_NAME).exists():
+        raise FileNotFoundError(f"{path} has no {OPTIMIZER_NAME}: it is a model checkpoint, not "
+                                "a training checkpoint; it cannot be resumed")
+    return read_checkpoint(path).config, state
+
+
+def read_tensors_numpy(path: Path) -> tuple[dict, dict]:
+    """(parameters, optimizer moments) as full float32 NumPy arrays, from the safetensors files
+    or, for a sharded (FSDP) checkpoint, from its `dcp/` folder (needs torch)."""
+    if is_sharded_checkpoint(path):
+        from retention.backends.torch.fsdp import read_dcp_numpy
+        return read_dcp_numpy(Path(path) / DCP_DIR)
+    _, params, moments, _ = load_training_checkpoint(path)
+    return params, moments
+
+
+def load_checkpoint_tensors(trainer, path: Path, optimizer_step: int) -> None:
+    """Put a checkpoint's parameters and moments into `trainer`; a distributed trainer reads
+    only its own shards (`load_checkpoint`)."""
+    if hasattr(trainer, "load_checkpoint"):
+        trainer.load_checkpoint(path, optimizer_step)
+        return
+    params, moments = read_tensors_numpy(path)
+    trainer.load_parameters_numpy(params)
+    trainer.load_optimizer_state_numpy(moments, optimizer_step)
+
+
+def export_checkpoint(path: Path, out: Path | None = None) -> Path:
+    """Write the canonical files (model.safetensors, optimizer.safetensors) of a sharded
+    checkpoint beside its dcp/ folder, or a complete canonical checkpoint into `out`, so any
+    backend (MLX included) loads and resumes it. `path`: a checkpoint or a run directory."""
+    from safetensors.numpy import save_file
+    path = Path(path)
+    if not (path / STATE_NAME).exists():
+        path = resolve_resume(str(path), path)
+    if not is_sharded_checkpoint(path) and out is None:
+        return path  # already canonical
+    params, moments = read_tensors_numpy(path)
+    config = ModelConfig.load(path / CONFIG_NAME)
+
+    def fill(tmp: Path) -> None:
+        write_model_files(tmp, config, params,
+                          lambda shard, file: save_file(shard, str(file),
+                                                        metadata={"format": "np"}),
+                          lambda a: a.nbytes)
+        save_file(moments, str(tmp / OPTIMIZER_NAME), metadata={"format": "np"})
+        for f in path.iterdir():  # trainer state, tokenizer
+            if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors":
+                shutil.copy2(f, tmp / f.name)
+
+    if out is not None:
+        return atomic_directory(out, fill)
+    # In place: the weights (or their index) move in last, so until then the checkpoint still
+    # reads as sharded and a reader never sees half an export.
+    staging = Path(tempfile.mkdtemp(prefix=".export.tmp-", dir=path))
+    try:
+        fill(staging)
+        _fsync_tree(staging)
+        last = [n for n in (INDEX_NAME, WEIGHTS_NAME) if (staging / n).exists()]
+        for f in sorted(staging.iterdir(), key=lambda f: f.name in last):
+            if not (path / f.name).exists() or f.name in last or f.suffix == ".safetensors":
+                os.replace(f, path / f.name)
+        fsync_dir(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
 def load_training_checkpoint(path: Path) -> tuple[ModelConfig, dict, dict, dict]:
     """(model config, parameters, optimizer moments, trainer state) as NumPy, validated."""
     from safetensors.numpy import load_file
 
+    if is_sharded_checkpoint(path):
+        config, state = read_training_state(path)
+        params, moments = read_tensors_numpy(path)
+        return config, params, moments, state
     manifest = read_checkpoint(path)
     params: dict[str, np.ndarray] = {}
     for file, names in manifest.shards().items():

@@ -62,7 +62,20 @@ def add_commands(sub) -> None:
     p.add_argument("--wandb-project", help="log to Weights & Biases (needs wandb installed)")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="torch: recompute each layer's activations in the backward pass")
+    p.add_argument("--compile", action="store_true", help="torch: torch.compile each layer")
     p.set_defaults(func=run_train)
+
+    p = sub.add_parser("export", help="write a sharded (torchrun/FSDP) checkpoint in the "
+                       "canonical layout (model.safetensors, optimizer.safetensors)",
+                       description="Convert the DCP checkpoint of a multi-process torch run "
+                       "into config.json + model.safetensors + optimizer.safetensors + "
+                       "trainer_state.json, which either backend loads and resumes.")
+    p.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
+    p.add_argument("--out", help="write a new checkpoint directory here (default: add the "
+                   "files beside dcp/ in the checkpoint itself)")
+    p.set_defaults(func=run_export)
 
     p = sub.add_parser("quickstart", help="train the tiny model for ~100 steps on the "
                        "built-in corpus and generate a sample")
@@ -99,6 +112,10 @@ def config_from_args(args):
         data["tensorboard"] = False
     if args.no_progress:
         data["progress"] = False
+    if args.activation_checkpointing:
+        data["activation_checkpointing"] = True
+    if args.compile:
+        data["compile"] = True
     if args.tokens is not None and args.steps is None:
         data["steps"] = None
     return TrainConfig.from_dict(data)
@@ -116,7 +133,16 @@ def run_train(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def run_export(args) -> int:
+    from retention.train_checkpoint import export_checkpoint
+    path = export_checkpoint(Path(args.checkpoint), Path(args.out) if args.out else None)
+    print(f"canonical checkpoint: {path}")
+    return 0
+
+
 def _print_result(result) -> None:
+    if result.rank != 0:
+        return
     s = result.summary
     if s["steps"]:
         print(f"done: step {result.step}, {result.tokens_seen:,} tokens; loss last "

@@ -82,6 +82,14 @@ class Trainer:
 
     def forward_backward(self, micro_batches) -> tuple[float, float, dict]:
         """Mean loss over the micro-batches, the global gradient norm and the mean gradients."""
+        total, grads = self._mean_loss_and_grads(micro_batches)
+        norm = mx.sqrt(sum(mx.sum(g * g) for g in grads.values()))
+        mx.eval(norm, grads)
+        return total.item(), norm.item(), grads
+
+    def _mean_loss_and_grads(self, micro_batches):
+        """(mean loss, mean gradients) over the micro-batches, lazy (the data-parallel trainer
+        averages them over the ranks)."""
         n = len(micro_batches)
         total, grads = None, None
         for inputs, targets in micro_batches:
@@ -98,9 +106,7 @@ class Trainer:
         if n > 1:
             grads = {k: g / n for k, g in grads.items()}
             total = total / n
-        norm = mx.sqrt(sum(mx.sum(g * g) for g in grads.values()))
-        mx.eval(norm, grads)
-        return total.item(), norm.item(), grads
+        return total, grads
 
     def apply_update(self, grads: dict, lr: float, grad_norm: float) -> None:
         """Clip by global norm, then one AdamW step with bias correction; weight decay

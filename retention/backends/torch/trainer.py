@@ -50,6 +50,9 @@ class Trainer:
             # The CPU float32 matmul must not silently become TF32-like reduced precision.
             torch.set_float32_matmul_precision("highest")
         self.model = build_model(model_config, seed=config.seed, device=self.device)
+        if config.activation_checkpointing or config.compile:
+            from retention.backends.torch.fsdp import wrap_layers
+            wrap_layers(self.model, config.activation_checkpointing, config.compile)
         self.model.train()
         self.params = named_parameters(self.model)
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
@@ -104,18 +107,23 @@ class Trainer:
         t = self.optimizer_step
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
-        for name, p in self.params.items():
-            g = p.grad
+        for name, p, g, m, v in self._update_views():
             if clip < 1.0:
                 g = g * clip
-            m, v = self.exp_avg[name], self.exp_avg_sq[name]
             m.mul_(b1).add_(g, alpha=1.0 - b1)
             v.mul_(b2).add_(g * g, alpha=1.0 - b2)
             if c.weight_decay and decays(name):
                 p.mul_(1.0 - lr * c.weight_decay)
             denom = v.sqrt().div_(bc2_sqrt).add_(c.eps)
             p.sub_(step_size * (m / denom))
+        for p in self.params.values():
             p.grad = None
+
+    def _update_views(self):
+        """(name, parameter, gradient, exp_avg, exp_avg_sq) that AdamW updates in place (the
+        FSDP trainer yields the local shards)."""
+        for name, p in self.params.items():
+            yield name, p, p.grad, self.exp_avg[name], self.exp_avg_sq[name]
 
     def train_step(self, micro_batches, lr: float) -> dict:
         """One optimizer step over `micro_batches` [(inputs_BT, targets_BT) NumPy]; a
