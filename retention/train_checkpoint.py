@@ -141,6 +141,14 @@ def read_training_state(path: Path) -> tuple[ModelConfig, dict]:
     return read_checkpoint(path).config, state
 
 
+def saved_train_config(resume: str, out_dir: str | Path) -> dict:
+    """The TrainConfig (as a dict) that the checkpoint `resume` names was written with."""
+    _, state = read_training_state(resolve_resume(resume, out_dir))
+    saved = dict(state.get("train_config", {}))
+    saved.pop("resume", None)
+    return saved
+
+
 def read_tensors_numpy(path: Path) -> tuple[dict, dict]:
     """(parameters, optimizer moments) as full float32 NumPy arrays, from the safetensors files
     or, for a sharded (FSDP) checkpoint, from its `dcp/` folder (needs torch)."""

@@ -289,3 +289,23 @@ def test_prepared_shards_train_and_resume_exactly(tmp_path):
     (part / "checkpoints" / "latest").write_text("step_00000003\n")
     train(cfg.replace(out_dir=str(part), resume="latest"), "torch")
     assert losses(part) == losses(tmp_path / "full")
+
+
+def test_resume_from_the_cli_restores_the_run_settings(tmp_path, capsys):
+    """`retention train --resume latest --out DIR` needs no other flag: the run's own settings
+    come back from the checkpoint, and flags given now (--steps) override them."""
+    from retention.cli import main
+    out = tmp_path / "run"
+    TINY.save(tmp_path / "model.json")
+    assert main(["train", "--backend", "torch", "--model", str(tmp_path / "model.json"),
+                 "--data", "synthetic", "--steps", "2", "--seq-len", "16", "--batch-size", "2",
+                 "--out", str(out), "--no-progress", "--no-tensorboard"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--backend", "torch", "--resume", "latest", "--out", str(out),
+                 "--steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "reading the data from its start" not in printed
+    recs = records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["tokens_seen"] == 4 * 16 * 2

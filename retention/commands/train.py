@@ -95,6 +95,10 @@ def config_from_args(args):
     """TrainConfig from --config, then every flag that was given."""
     from retention.config import ModelConfig, TrainConfig
     data = TrainConfig.load(args.config).to_dict() if args.config else {}
+    if args.resume is not None and not args.config:
+        # Resuming without a run.toml: the run's own settings, then the flags given now.
+        from retention.train_checkpoint import saved_train_config
+        data = saved_train_config(args.resume, args.out or TrainConfig.out_dir)
     for flag, name in FIELD_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
