@@ -159,7 +159,7 @@ class TrainConfig:
     eps: float = 1e-8
     clip_norm: "float | None" = 1.0            # global gradient norm; None or 0 disables
     steps: "int | None" = 1000
-    tokens: "int | None" = None                # alternative to steps: train on this many tokens
+    tokens: "int | None" = None                # instead of steps (wins when set): this many tokens
     eval_every: int = 200                      # 0 disables validation
     eval_batches: int = 8
     save_every: int = 500                      # 0: save only at the end
@@ -231,9 +231,9 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        if self.steps is not None:
-            return self.steps
-        return -(-self.tokens // self.tokens_per_step)
+        if self.tokens is not None:  # steps has a default, so a token budget given wins
+            return -(-self.tokens // self.tokens_per_step)
+        return self.steps
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig to build; a preset takes `vocab_size` (the tokenizer's) unless

@@ -70,8 +70,13 @@ def normalize_stop(stop) -> list[tuple[int, ...]]:
     if isinstance(stop, (int, np.integer)):
         return [(int(stop),)]
     out = []
-    for s in stop:
-        seq = (int(s),) if isinstance(s, (int, np.integer)) else tuple(int(t) for t in s)
+    for s in [stop] if isinstance(stop, str) else stop:
+        seq = s.tolist() if hasattr(s, "tolist") else s      # numpy, torch, mlx
+        seq = (seq,) if isinstance(seq, (int, np.integer)) else seq
+        if isinstance(seq, str) or not all(isinstance(t, (int, np.integer)) for t in seq):
+            raise ValueError(f"stop sequences are token ids, got {s!r}; encode text with the "
+                             "model's tokenizer first (or match text in the decoded stream)")
+        seq = tuple(int(t) for t in seq)
         if not seq:
             raise ValueError("empty stop sequence; give token ids")
         out.append(seq)
@@ -134,9 +139,15 @@ class GenerationStream:
     int64 array [B] per step with -1 for rows that have already stopped.
     """
 
-    def __init__(self, steps: Iterator, batched: bool):
+    def __init__(self, steps: Iterator, batched: bool, control: dict | None = None):
         self._steps, self.batched = steps, batched
+        self._control = {} if control is None else control
         self.result: Generation | None = None
+
+    def stop(self) -> None:
+        """End after the tokens already yielded (e.g. a stop text matched in the decoded
+        output); iteration then finishes and sets `.result` ("stop" for the rows cut)."""
+        self._control["stop"] = True
 
     def __iter__(self):
         for tokens_B in self._steps:
@@ -176,8 +187,9 @@ def stream_generate(model, tokens, max_new_tokens: int = 256, temperature: float
         if not r and (state is None or state.logits is None):
             raise ValueError("empty prompt: give at least one token, or a prompt state that "
                              "holds its last logits")
-    steps = _run(model, ops, rows, int(max_new_tokens), params, stops, seed, state)
-    return GenerationStream(steps, batched)
+    control = {"stop": False}
+    steps = _run(model, ops, rows, int(max_new_tokens), params, stops, seed, state, control)
+    return GenerationStream(steps, batched, control)
 
 
 def generate(model, tokens, max_new_tokens: int = 256, temperature: float = 1.0,
@@ -247,7 +259,7 @@ def _ends_with_stop(seq: list[int], stops) -> bool:
     return any(len(seq) >= len(s) and tuple(seq[-len(s):]) == s for s in stops)
 
 
-def _run(model, ops, rows, max_new_tokens, params, stops, seed, state):
+def _run(model, ops, rows, max_new_tokens, params, stops, seed, state, control=None):
     stats = GenerationStats()
     t0 = time.perf_counter()
     groups = _prefill_groups(model, ops, rows, state, stats)
@@ -284,6 +296,11 @@ def _run(model, ops, rows, max_new_tokens, params, stops, seed, state):
         stats.decode_seconds = time.perf_counter() - t0
         yield out_B
         t0 = time.perf_counter() - stats.decode_seconds  # time spent by the consumer is not ours
+        if control is not None and control.get("stop"):
+            for g in groups:
+                for row in g.rows:
+                    reasons[row] = "stop"
+            break
         if not groups:
             break
     sequences = [np.array(r + s, dtype=np.int64) for r, s in zip(rows, new)]

@@ -78,6 +78,8 @@ def peak_flops(device_name: str, precision: str = "float32",
     if override:
         return float(override)
     name = device_name.lower()
+    if name.startswith("cpu"):  # MLX names its CPU after the chip: "cpu (Apple M2 Max)"
+        return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1)
     for key in sorted(PEAK_FLOPS, key=len, reverse=True):
         if key in name:
             bf16, fp32 = PEAK_FLOPS[key]
@@ -123,7 +125,10 @@ class TrainingLogger:
             # disable=None: no bar when stderr is not a terminal (CI logs, nohup files)
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
                              dynamic_ncols=True, file=sys.stderr, leave=True, disable=None)
-        self._tb = _tensorboard_writer(self.log_dir / "tensorboard") if tensorboard else None
+        # A resumed run redoes the steps after its checkpoint: TensorBoard drops them too.
+        self._tb = _tensorboard_writer(self.log_dir / "tensorboard",
+                                       start_step + 1 if start_step else None) \
+            if tensorboard else None
         self._wandb = _wandb_run(wandb_project, run_config) if wandb_project else None
 
     @staticmethod
@@ -227,19 +232,20 @@ def format_record(r: dict, total_steps: int | None = None) -> str:
     return " | ".join(parts)
 
 
-def _tensorboard_writer(path: Path):
+def _tensorboard_writer(path: Path, purge_step: int | None = None):
     """A SummaryWriter from torch.utils.tensorboard or tensorboardX, or None (imported lazily:
-    both are optional)."""
+    both are optional). Events at steps >= purge_step that earlier writers left are dropped."""
     import importlib.util
+    purge = {"purge_step": purge_step} if purge_step else {}
     if importlib.util.find_spec("tensorboard") is not None:
         try:
             from torch.utils.tensorboard import SummaryWriter
-            return SummaryWriter(log_dir=str(path))
+            return SummaryWriter(log_dir=str(path), **purge)
         except ImportError:
             pass
     if importlib.util.find_spec("tensorboardX") is not None:
         from tensorboardX import SummaryWriter
-        return SummaryWriter(logdir=str(path))
+        return SummaryWriter(logdir=str(path), **purge)
     return None
 
 

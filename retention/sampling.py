@@ -78,6 +78,9 @@ def _nucleus_candidates(probs_V: np.ndarray, p: float) -> np.ndarray:
     while k < V:
         top = np.argpartition(-probs_V, k - 1)[:k]
         if probs_V[top].sum() >= p + 1e-6:          # margin: summation order may differ
+            # Every token tied with the last candidate, so ties go by id (argpartition takes
+            # an arbitrary part of a tie); filtered tokens (p = 0) never join a nucleus.
+            top = np.flatnonzero(probs_V >= max(probs_V[top].min(), np.finfo(float).tiny))
             break
         k *= 4
     else:

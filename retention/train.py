@@ -84,9 +84,13 @@ def trainer_class(backend: str, ranks: Ranks | None = None):
 
 def _oom_message(config: TrainConfig, error: BaseException) -> str:
     b, a, t = config.batch_size, config.grad_accum, config.seq_len
-    return (f"out of memory at batch_size={b}, seq_len={t} ({error}). Try a smaller batch with "
-            f"gradient accumulation (--batch-size {max(1, b // 2)} --grad-accum {a * 2} keeps "
-            f"{b * a * t} tokens per step), or a shorter --seq-len {max(1, t // 2)}")
+    # The largest proper divisor of b keeps b * a rows per step exactly (none when b is 1).
+    smaller = max((d for d in range(1, b) if b % d == 0), default=None)
+    split = (f"a smaller batch with gradient accumulation (--batch-size {smaller} --grad-accum "
+             f"{a * (b // smaller)} keeps {b * a * t} tokens per step), or "
+             if smaller else "")
+    return (f"out of memory at batch_size={b}, seq_len={t} ({error}). Try {split}"
+            f"a shorter --seq-len {max(1, t // 2)}")
 
 
 def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
@@ -148,6 +152,8 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
             f"written by the {state.get('backend')} backend)", flush=True)
         if ranks.main:
             TrainingLogger.truncate(out_dir, step)
+        if run.tokens is not None:  # a token budget: what is left at this run's step size
+            total_steps = step + max(0, -(-(run.tokens - tokens_seen) // run.tokens_per_step))
     elif ranks.main and (out_dir / "metrics.jsonl").exists():
         (out_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     if ranks.main:
@@ -163,7 +169,7 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
                             start_step=step, progress=config.progress,
                             tensorboard=config.tensorboard, wandb_project=config.wandb_project,
                             run_config=config.to_dict()) if ranks.main else QuietLogger()
-    schedule = schedule_for(run)
+    schedule = {**schedule_for(run), "total_steps": total_steps}
     checkpoint: Path | None = resume_path
     losses: list[float] = []
 
@@ -234,7 +240,7 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
                     val = _validate(trainer, data, config.eval_batches)
                     metrics.update(val_loss=val, val_perplexity=math.exp(min(val, 700.0)))
                 logger.log(step, metrics)
-                if streak >= config.max_nonfinite:
+                if streak and streak >= config.max_nonfinite:  # 0: stop at the first one
                     path = save()
                     raise TrainingError(
                         f"{streak} non-finite steps in a row at step {step}: the run diverged. "

@@ -32,12 +32,17 @@ def checkpoints_dir(out_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The checkpoint that `<out>/checkpoints/latest` names, or None."""
-    pointer = checkpoints_dir(out_dir) / LATEST
-    if not pointer.exists():
-        return None
-    target = checkpoints_dir(out_dir) / pointer.read_text().strip()
-    return target if (target / STATE_NAME).exists() else None
+    """The checkpoint that `<out>/checkpoints/latest` names (else the newest), or None."""
+    folder = checkpoints_dir(out_dir)
+    pointer = folder / LATEST
+    if pointer.exists():
+        target = folder / pointer.read_text().strip()
+        if (target / STATE_NAME).exists():
+            return target
+    # No pointer, or it names a deleted checkpoint: the newest complete one (a step_* directory
+    # only appears by an atomic rename), so a run directory never looks empty while it is not.
+    found = sorted(p for p in folder.glob("step_*") if (p / STATE_NAME).exists())
+    return found[-1] if found else None
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path:
@@ -51,6 +56,8 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path:
     path = Path(resume)
     if (path / STATE_NAME).exists():
         return path
+    if path.is_file() and path.name == LATEST:  # the pointer file itself
+        path = path.parent
     for run_dir in (path, path.parent):  # a run directory or its checkpoints/ folder
         found = latest_checkpoint(run_dir)
         if found is not None:
@@ -99,7 +106,14 @@ def tokenizer_json_of(tokenizer) -> str | None:
 def save_training_checkpoint(out_dir: Path, model_config: ModelConfig, trainer, state: dict,
                              tokenizer, keep_last: int) -> Path:
     """Write `<out>/checkpoints/step_N` atomically, then point `latest` at it, then prune."""
-    from safetensors.numpy import save_file
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file as save_numpy
+
+    def save_file(tensors: dict, file: str, metadata: dict) -> None:
+        try:
+            save_numpy(tensors, file, metadata=metadata)
+        except SafetensorError as e:  # a failed write (disk full): an OSError to the loop
+            raise OSError(str(e)) from e
 
     path = checkpoints_dir(out_dir) / f"step_{state['step']:08d}"
     params = trainer.parameters_numpy()
@@ -244,10 +258,6 @@ def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
 
 def check_resume_compatible(path: Path, ckpt_config: ModelConfig, run_config: ModelConfig,
                             tokenizer_json: str | None) -> None:
-    if ckpt_config != run_config:
-        raise ValueError(f"cannot resume {path}: its model config differs from this run's "
-                         f"({_config_diff(ckpt_config, run_config)}); pass the same --model as "
-                         "the checkpoint's run, or start a new run in another --out directory")
     saved = path / TOKENIZER_NAME
     saved_json = saved.read_text() if saved.exists() else None
     if saved_json is not None and tokenizer_json is not None:
@@ -260,3 +270,8 @@ def check_resume_compatible(path: Path, ckpt_config: ModelConfig, run_config: Mo
                          f"{'without' if saved_json is None else 'with'} a tokenizer and this "
                          f"run's data {'uses' if saved_json is None else 'does not use'} one; "
                          "resume with the same --data as the original run")
+    # After the tokenizer: a preset's vocab_size follows it, and the tokenizer is the cause.
+    if ckpt_config != run_config:
+        raise ValueError(f"cannot resume {path}: its model config differs from this run's "
+                         f"({_config_diff(ckpt_config, run_config)}); pass the same --model as "
+                         "the checkpoint's run, or start a new run in another --out directory")

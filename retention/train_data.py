@@ -130,17 +130,29 @@ def build_data(config, model_vocab: int | None = None) -> Data:
         raise ValueError("a prepared shard directory cannot be mixed with other sources; "
                          "prepare the mix into one directory with `retention data prepare`")
     from retention.data.packing import DocumentStream, PackedBatches
-    from retention.data.sources import open_mix
+    from retention.data.prepare import DEFAULT_VAL_FRACTION, holdout
+    from retention.data.sources import has_own_validation_split, open_mix
     tokenizer = load_run_tokenizer(config)
     eos = eos_id_of(tokenizer)
 
     def encode(record):
         return tokenizer.encode(record["text"]), None
 
+    # Sources without a validation split of their own (local files, most hub sets) hold out a
+    # hash-chosen share of documents, as `retention data prepare` does.
+    hash_split = not all(has_own_validation_split(n) for n in names)
+
+    def encode_split(split: str):
+        if not hash_split:
+            return encode
+        want = split == "validation"
+        return lambda record: (encode(record) if holdout(record["text"], DEFAULT_VAL_FRACTION)
+                               == want else None)
+
     def stream(split: str) -> PipelineBatches:
-        source = open_mix(names, config.data_mix, seed=seed, split=split,
-                          on_exhausted="repeat")
-        docs = DocumentStream(source, encode)
+        source = open_mix(names, config.data_mix, seed=seed,
+                          split="train" if hash_split else split, on_exhausted="repeat")
+        docs = DocumentStream(source, encode_split(split))
         packed = PackedBatches(docs, T, B, eos)
 
         def next_epoch():

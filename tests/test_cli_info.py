@@ -33,3 +33,15 @@ def test_convert_to_bfloat16_and_back(tmp_path, backend):
 def test_convert_missing_source_exits_2(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_convert_keeps_the_tokenizer_files(tmp_path):
+    import retention
+    model = retention.get_backend("torch").build_model(CONFIG, seed=0)
+    retention.save_model(model, tmp_path / "f32")
+    (tmp_path / "f32" / "tokenizer.json").write_text('{"fake": true}')
+    (tmp_path / "f32" / "tokenizer_config.json").write_text('{"eos_token": "x"}')
+    assert main(["convert", str(tmp_path / "f32"), str(tmp_path / "bf16"), "--dtype",
+                 "bfloat16", "--backend", "torch"]) == 0
+    assert (tmp_path / "bf16" / "tokenizer.json").read_text() == '{"fake": true}'
+    assert (tmp_path / "bf16" / "tokenizer_config.json").read_text() == '{"eos_token": "x"}'

@@ -87,3 +87,51 @@ def test_user_errors_exit_2_with_a_message(checkpoint, capsys, tmp_path):
     code, _, err = run(capsys, "--checkpoint", checkpoint, "--prompt", "x", "--load-state", bad,
                        "--backend", "torch")
     assert code == 2 and "layers" in err
+
+
+def test_streamer_does_not_print_the_eos_that_stopped_generation(checkpoint):
+    from retention.commands.generate import TextStreamer, encode, eos_id, \
+        load_checkpoint_tokenizer
+    tok = load_checkpoint_tokenizer(checkpoint)
+    out = io.StringIO()
+    streamer = TextStreamer(tok, out)
+    for t in encode(tok, "the cat") + [eos_id(tok)]:
+        streamer.put(t)
+    streamer.end()
+    assert out.getvalue() == "the cat\n"
+
+
+def test_stop_text_matches_however_it_was_tokenized(checkpoint, capsys):
+    # The tiny model repeats " cat": "cat" alone tokenizes differently from " cat", yet the
+    # text "cat" appears after the first new token, so generation stops there.
+    common = ["--checkpoint", checkpoint, "--prompt", "the cat", "--max-new-tokens", 12,
+              "--temperature", 0, "--backend", "torch", "--ignore-eos"]
+    _, full, _ = run(capsys, *common)
+    assert full.startswith(" cat cat")
+    code, out, err = run(capsys, *common, "--stop", "cat")
+    assert code == 0, err
+    assert out == " cat\n" and "decode: 1 tokens" in err
+    _, out, err = run(capsys, *common, "--stop", "t c")      # spans two tokens
+    assert out == " cat cat\n" and "decode: 2 tokens" in err
+
+
+def test_report_names_the_loaded_state_length_when_also_saving(checkpoint, capsys, tmp_path):
+    common = ["--checkpoint", checkpoint, "--temperature", 0, "--ignore-eos",
+              "--max-new-tokens", 1, "--backend", "torch"]
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    run(capsys, *common, "--prompt", "the dog ran", "--save-state", first)
+    n = PromptState.load(first).offset
+    code, _, err = run(capsys, *common, "--prompt", " in the", "--load-state", first,
+                       "--save-state", second)
+    assert code == 0, err
+    assert f"after a saved state of {n} tokens" in err
+    assert PromptState.load(second).offset > n
+
+
+def test_prompt_and_stop_text_may_hold_special_tokens(checkpoint):
+    # A chat prompt written out by hand ("...<|im_end|>") must reach the model as the
+    # special ids it was trained on, and a --stop on a special token must match that id.
+    from retention.commands.generate import encode, eos_id, load_checkpoint_tokenizer
+    tok = load_checkpoint_tokenizer(checkpoint)
+    assert encode(tok, "the cat<|endoftext|>") == encode(tok, "the cat") + [eos_id(tok)]
+    assert encode(tok, "<|endoftext|>") == [eos_id(tok)]

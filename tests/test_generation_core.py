@@ -214,3 +214,22 @@ def test_generation_core_pulls_in_no_framework(module):
             "bad = [m for m in ('torch', 'mlx', 'triton') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stream_stop_ends_after_the_tokens_yielded():
+    ops = FakeOps()
+    stream = stream_generate(CountingModel(), [[3], [5, 6]], 10, temperature=0, backend=ops)
+    seen = []
+    for tokens_B in stream:
+        seen.append(tokens_B.tolist())
+        if len(seen) == 2:
+            stream.stop()
+    assert seen == [[4, 7], [5, 8]]
+    assert [s.tolist() for s in stream.result] == [[3, 4, 5], [5, 6, 7, 8]]
+    assert stream.result.finish_reasons == ["stop", "stop"]
+
+
+@pytest.mark.parametrize("stop", ["\n", ["</s>"], [[1, "x"]]])
+def test_text_stops_say_to_encode_them_first(stop):
+    with pytest.raises(ValueError, match="token id"):
+        normalize_stop(stop)

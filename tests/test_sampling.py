@@ -112,3 +112,14 @@ def test_top_p_partial_sort_matches_a_full_sort():
         logits = rng.normal(size=(1, 5000)) * sharpness
         for p in (0.1, 0.5, 0.9, 0.99):
             assert kept(top_p_filter(logits, p)) == full_sort_top_p(logits, p)
+
+
+def test_top_p_ties_larger_than_the_partial_sort_keep_the_lowest_ids():
+    # 2000 equal logits: the nucleus of 0.3 is tokens 0..599, as the docstring promises,
+    # even though the partial sort looks at only 1024 of the tied tokens.
+    logits = np.zeros((1, 2000))
+    assert kept(top_p_filter(logits, 0.3)) == set(range(600))
+    logits = np.concatenate([[[5.0]], np.zeros((1, 3000))], axis=1)   # a top token + ties
+    probs = softmax(logits)[0]
+    n_ties = int(np.ceil((0.6 - probs[0]) / probs[1] - 1e-9))
+    assert kept(top_p_filter(logits, 0.6)) == set(range(n_ties + 1))

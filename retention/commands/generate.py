@@ -72,7 +72,12 @@ def load_checkpoint_tokenizer(checkpoint: Path):
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    out = tokenizer.encode(text)
+    """Ids of a prompt or stop text; special tokens written in it (a chat turn's
+    <|im_start|>/<|im_end|>) become their ids, as with a Hugging Face tokenizer."""
+    try:
+        out = tokenizer.encode(text, special=True)
+    except TypeError:                    # plain `tokenizers` parses them by default
+        out = tokenizer.encode(text, add_special_tokens=False)
     return list(getattr(out, "ids", out))
 
 
@@ -88,13 +93,15 @@ class TextStreamer:
         self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
+        self.text = ""                   # all decoded so far (printed or held back)
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.ids)
+        # Special tokens (the EOS that ended the reply) are markers, not text to print.
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def put(self, token: int) -> None:
         self.ids.append(int(token))
-        text = self._text()
+        text = self.text = self._text()
         if text.endswith("\ufffd"):      # an incomplete UTF-8 sequence: wait for more
             return
         self.out.write(text[self.printed:])
@@ -131,6 +138,7 @@ def run_generate(args) -> int:
     ids = encode(tokenizer, prompt)
 
     state = PromptState.load(args.load_state, model.config) if args.load_state else None
+    loaded_tokens = state.offset if state is not None else 0   # --save-state replaces `state`
     if not ids and (state is None or state.logits is None):
         raise ValueError("the prompt is empty; give some text (or --load-state a saved prompt)")
     stops = [encode(tokenizer, s) for s in args.stop if s]
@@ -150,15 +158,20 @@ def run_generate(args) -> int:
                              repetition_penalty=args.repetition_penalty, stop=stops or None,
                              seed=args.seed, state=state)
     streamer = TextStreamer(tokenizer)
+    stop_texts = [s for s in args.stop if s]
     for token in stream:
         streamer.put(token)
+        # Token stops miss a text tokenized otherwise in context (" cat" vs "cat"), or one
+        # that ends inside a token: match the decoded text too.
+        if stop_texts and any(s in streamer.text for s in stop_texts):
+            stream.stop()
     streamer.end()
 
     stats = stream.result.stats
     prefill_tokens += stats.prompt_tokens
     prefill_seconds += stats.prefill_seconds
     report = [f"prompt: {prefill_tokens} tokens"
-              + (f" (after a saved state of {state.offset} tokens)" if args.load_state else ""),
+              + (f" (after a saved state of {loaded_tokens} tokens)" if args.load_state else ""),
               f"prefill: {prefill_tokens / prefill_seconds:.1f} tokens/s" if prefill_seconds
               else "prefill: -",
               f"decode: {stats.new_tokens} tokens, {stats.decode_tokens_per_second:.1f} tokens/s",

@@ -26,10 +26,23 @@ def run_info(args) -> int:
     return 0
 
 
+# Files a checkpoint carries beside its weights that generation needs (the tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def run_convert(args) -> int:
+    import shutil
+
     from retention.backends import get_backend
+    from retention.checkpoint import read_checkpoint
     backend = get_backend(args.backend)
-    model = backend.load_model(args.src)
-    path = backend.save_model(model, args.dst, dtype=args.dtype)
+    src = read_checkpoint(args.src).path
+    model = backend.load_model(src)
+
+    def copy_tokenizer(tmp):
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    path = backend.save_model(model, args.dst, dtype=args.dtype, extra=copy_tokenizer)
     print(f"wrote {path}")
     return 0

@@ -97,8 +97,13 @@ def config_from_args(args):
     data = TrainConfig.load(args.config).to_dict() if args.config else {}
     if args.resume is not None and not args.config:
         # Resuming without a run.toml: the run's own settings, then the flags given now.
-        from retention.train_checkpoint import saved_train_config
+        from retention.train_checkpoint import CHECKPOINTS, resolve_resume, saved_train_config
         data = saved_train_config(args.resume, args.out or TrainConfig.out_dir)
+        found = resolve_resume(args.resume, args.out or TrainConfig.out_dir)
+        if args.out is None and args.resume != "latest" and found.parent.name == CHECKPOINTS:
+            # The run goes on where its checkpoint is, not in the out_dir recorded at its
+            # start (gone once the run is copied to another machine or folder).
+            data["out_dir"] = str(found.parent.parent)
     for flag, name in FIELD_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -122,6 +127,8 @@ def config_from_args(args):
         data["compile"] = True
     if args.tokens is not None and args.steps is None:
         data["steps"] = None
+    if args.steps is not None and args.tokens is None:
+        data["tokens"] = None  # --steps given now replaces a token budget of the file/run
     return TrainConfig.from_dict(data)
 
 

@@ -133,8 +133,9 @@ def _sources(args) -> tuple[list[str], list[float] | None]:
     specs = list(args.source)
     weights = None
     if getattr(args, "mix", None):
-        if specs:
-            raise ValueError("give --source or --mix, not both")
+        if specs or args.weights:
+            raise ValueError("give --source (with --weights) or --mix, not both: a mix "
+                             "brings its own weights")
         from retention.data.catalog import get_recommended_mix
         pairs = get_recommended_mix(args.mix)
         return [n for n, _ in pairs], [w for _, w in pairs]

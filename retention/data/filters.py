@@ -116,7 +116,7 @@ class GopherQuality:
             return Verdict(False, f"{self.name}:empty")
         symbol_words = _SYMBOL_WORD.findall(text)
         n_content = n_words - len(symbol_words)
-        if n_content < self.min_doc_words:
+        if n_content < max(1, self.min_doc_words):   # 0 content words: no mean length
             return Verdict(False, f"{self.name}:too_few_words")
         if n_content > self.max_doc_words:
             return Verdict(False, f"{self.name}:too_many_words")

@@ -579,6 +579,17 @@ def _hf_split(entry: DatasetInfo, split: str) -> str:
     return split
 
 
+def has_own_validation_split(spec: str) -> bool:
+    """Whether `spec` publishes a validation split: the built-in corpus, and catalog datasets
+    that name one. Local files and other hub ids do not."""
+    spec = str(spec).strip()
+    if spec == "builtin" or spec.startswith("builtin:"):
+        return True
+    entry = find_dataset(spec)
+    return entry is not None and not _looks_local(spec) and (
+        entry.name == "builtin" or entry.validation_split is not None)
+
+
 def open_source(spec: str, *, split: str = "train", text_fields: Sequence[str] | None = None,
                 txt_mode: str = "document", **hf_kwargs) -> Source:
     """A source for a catalog name, a Hub id, a local path/glob/folder, or "builtin"

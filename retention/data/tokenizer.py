@@ -64,7 +64,9 @@ def render_jinja(template: str, messages, add_generation_prompt: bool = False, *
 
     def raise_exception(message):
         raise TemplateError(message)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # loopcontrols: transformers enables {% break %} / {% continue %}, and templates use them.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=list(messages),
                                             add_generation_prompt=add_generation_prompt,

@@ -221,3 +221,10 @@ def test_pipeline_specs_and_errors():
         make_filter("perplexity")
     with pytest.raises(ValueError, match="no option"):
         make_filter("c4", min_sentences=3)
+
+
+@pytest.mark.parametrize("f", [GopherQuality(min_doc_words=0), GopherRepetition(),
+                               C4Quality(min_num_sentences=0), FineWebQuality()])
+@pytest.mark.parametrize("text", ["", " \n ", "--- ... ***", "\n\n\n", "#"])
+def test_odd_text_gets_a_verdict_not_a_crash(f, text):
+    assert isinstance(f(text).keep, bool)

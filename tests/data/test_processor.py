@@ -133,3 +133,11 @@ def test_python_m_retention_offline_end_to_end(tmp_path, tok):
     assert (tmp_path / "s" / "index.json").is_file()
     hub = _run("data", "prepare", "--source", "fineweb-edu", "--out", str(tmp_path / "h"))
     assert hub.returncode == 2 and "HF_HUB_OFFLINE" in hub.stderr
+
+
+def test_cli_mix_refuses_weights_it_would_ignore(tmp_path):
+    args = build_parser().parse_args(["data", "prepare", "--mix", "1B", "--weights", "1,1",
+                                      "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="--weights"):
+        args.func(args)
+    assert not (tmp_path / "o").exists()

@@ -146,3 +146,14 @@ def test_other_hugging_face_folders_load_through_transformers(tmp_path):
     assert bert.encode("Hello worlds") == [5, 6, 7] and bert.eos_id == 3
     bert.save(tmp_path / "copy")
     assert load_tokenizer(tmp_path / "copy").encode("hello worlds") == [5, 6, 7]
+
+
+def test_jinja_templates_may_use_loop_controls_as_in_transformers():
+    pytest.importorskip("jinja2")
+    from retention.data.tokenizer import render_jinja
+    # e.g. templates that find the last user turn with {% break %}
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% break %}{% endif %}"
+                "{{ m['content'] }}|{% endfor %}")
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}]
+    assert render_jinja(template, msgs) == "a|"

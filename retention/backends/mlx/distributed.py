@@ -70,7 +70,7 @@ class DistributedTrainer(Trainer):
             try:
                 path = save_training_checkpoint(Path(out_dir), model_config, self, state,
                                                 tokenizer, keep_last)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - any failure must reach the vote below
                 error = e
         if self.ranks.comm.any(error is not None):
             raise OSError(f"checkpoint failed on rank 0: {error or 'see rank 0'}")

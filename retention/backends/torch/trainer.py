@@ -20,6 +20,7 @@ from retention.backends.torch.checkpoint_io import load_named_parameters, named_
 from retention.backends.torch.model import build_model
 
 GRAD_NORM_EPS = 1e-6  # clip coefficient = clip_norm / (norm + eps), as torch.nn.utils does
+IGNORE_INDEX = -100  # labels outside the loss mask (F.cross_entropy's default)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -78,6 +79,9 @@ class Trainer:
                 logits = self.model(x)
         else:
             logits = self.model(x)
+        if not np.any(np.asarray(targets) != IGNORE_INDEX):
+            # Every label masked: a zero loss (as the MLX trainer), not cross_entropy's 0/0 NaN.
+            return logits.float().sum() * 0.0
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def forward_backward(self, micro_batches) -> tuple[float, float]:
@@ -189,8 +193,10 @@ class Trainer:
 
     @staticmethod
     def is_out_of_memory(error: BaseException) -> bool:
-        return isinstance(error, torch.OutOfMemoryError) or (
-            isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+        text = str(error).lower()  # the CPU allocator says "can't allocate memory"
+        return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+            isinstance(error, RuntimeError) and ("out of memory" in text
+                                                 or "can't allocate memory" in text))
 
 
 def _process_peak_rss() -> int | None:
