@@ -1,5 +1,5 @@
-"""Review of the training code: regressions for bugs found in train.py, the trainers, metrics
-and `retention train` (each test failed before its fix)."""
+"""Training edge cases: fully masked batches, token budgets, resume from moved or half-written
+runs, out-of-memory advice, failed checkpoint writes, MFU device names (each a past bug)."""
 import json
 import shutil
 
