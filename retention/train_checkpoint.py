@@ -156,10 +156,12 @@ def read_training_state(path: Path) -> tuple[ModelConfig, dict]:
 
 
 def saved_train_config(resume: str, out_dir: str | Path) -> dict:
-    """The TrainConfig (as a dict) that the checkpoint `resume` names was written with."""
+    """The TrainConfig (as a dict) that the checkpoint `resume` names was written with, less
+    the device: that belongs to the machine (a CUDA run resumed on a Mac picks the Mac's)."""
     _, state = read_training_state(resolve_resume(resume, out_dir))
     saved = dict(state.get("train_config", {}))
     saved.pop("resume", None)
+    saved.pop("device", None)
     return saved
 
 

@@ -309,3 +309,19 @@ def test_resume_from_the_cli_restores_the_run_settings(tmp_path, capsys):
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["tokens_seen"] == 4 * 16 * 2
+
+
+def test_cli_resume_on_the_other_backend_leaves_the_device_to_this_machine(tmp_path, capsys):
+    """A run started with --device cpu:0 (torch's name) resumes on MLX with no --device flag: the
+    device is the machine's, not the run's."""
+    from retention.cli import main
+    out = tmp_path / "run"
+    TINY.save(tmp_path / "model.json")
+    assert main(["train", "--backend", "torch", "--device", "cpu:0", "--model",
+                 str(tmp_path / "model.json"), "--data", "synthetic", "--steps", "1",
+                 "--seq-len", "16", "--batch-size", "2", "--out", str(out), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    assert main(["train", "--backend", "mlx", "--resume", "latest", "--out", str(out),
+                 "--steps", "2"]) == 0
+    assert "written by the torch backend" in capsys.readouterr().out
+    assert [r["step"] for r in records(out)] == [1, 2]
