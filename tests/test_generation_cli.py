@@ -50,10 +50,10 @@ def test_streams_text_and_reports_speed_and_state(checkpoint, capsys):
 def test_reads_the_prompt_from_a_file_and_stdin(checkpoint, capsys, tmp_path, monkeypatch):
     argv = ["--checkpoint", checkpoint, "--max-new-tokens", 5, "--temperature", 0,
             "--backend", "torch", "--ignore-eos"]
-    (tmp_path / "p.txt").write_text("the cat")
+    (tmp_path / "p.txt").write_text("the cat\n")      # as an editor saves it
     _, from_arg, _ = run(capsys, *argv, "--prompt", "the cat")
     _, from_file, _ = run(capsys, *argv, "--prompt-file", tmp_path / "p.txt")
-    monkeypatch.setattr("sys.stdin", io.StringIO("the cat"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))   # as `echo` sends it
     _, from_stdin, _ = run(capsys, *argv)
     assert from_arg == from_file == from_stdin
 

@@ -46,16 +46,22 @@ def add_commands(sub) -> None:
 
 
 def read_prompt(args) -> str:
+    """--prompt as given; a file or stdin without the one newline that ends its last line
+    (`echo text | retention generate` means "text", not "text\\n")."""
     if args.prompt is not None:
         return args.prompt
     if args.prompt_file not in (None, "-"):
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"no prompt file at {path}")
-        return path.read_text()
+        return _drop_final_newline(path.read_text())
     if args.prompt_file is None and sys.stdin.isatty():
         raise ValueError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text in")
-    return sys.stdin.read()
+    return _drop_final_newline(sys.stdin.read())
+
+
+def _drop_final_newline(text: str) -> str:
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 def load_checkpoint_tokenizer(checkpoint: Path):
