@@ -187,8 +187,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.eval_batches, int) or isinstance(self.eval_batches, bool) \
+                or self.eval_batches < 1:
+            raise ValueError(f"TrainConfig.eval_batches must be a positive integer, got "
+                             f"{self.eval_batches!r}; set eval_every = 0 to turn validation off")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_last", "log_interval",
-                     "eval_batches", "max_nonfinite"):
+                     "max_nonfinite"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")

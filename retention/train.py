@@ -271,4 +271,4 @@ def train(config: TrainConfig, backend: str | None = None) -> TrainResult:
 def _validate(trainer, data: Data, n_batches: int) -> float:
     """Mean loss over the first n validation batches (the same batches every time)."""
     stream = data.make_validation()
-    return trainer.eval_loss([stream.next_batch() for _ in range(max(1, n_batches))])
+    return trainer.eval_loss([stream.next_batch() for _ in range(n_batches)])

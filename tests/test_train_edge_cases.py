@@ -261,3 +261,16 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     assert result.step == 3
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_peak_flops_tells_the_l40_from_the_l4():
+    from retention.metrics import peak_flops
+    assert peak_flops("NVIDIA L40", "bfloat16") == 181e12
+    assert peak_flops("NVIDIA L40S", "bfloat16") == 362e12
+    assert peak_flops("NVIDIA L4", "bfloat16") == 121e12
+
+
+def test_zero_eval_batches_is_refused_with_the_way_to_turn_validation_off():
+    from retention.config import TrainConfig
+    with pytest.raises(ValueError, match="eval_every = 0"):
+        TrainConfig(eval_batches=0)

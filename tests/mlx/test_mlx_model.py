@@ -94,6 +94,8 @@ def test_steps_from_empty_state_and_b1_tokens():
         assert rel_err(step_logits[:, 0], full[:, t]) <= 1e-4, t
     with pytest.raises(ValueError, match="prefill"):
         model.step(toks[:, :2], state)
+    first, _ = model.step(toks[:, 0])              # no state: from nothing, as on torch
+    assert rel_err(first, full[:, 0]) <= 1e-4
 
 
 def test_prefill_in_pieces_equals_one_prefill():

@@ -190,7 +190,7 @@ class RetentionLLM(nn.Module):
         """Chunked forward that also returns the decoding state (continuing `state` if given)."""
         return self._run(tokens_BT, state, return_state=True, step=False)
 
-    def step(self, tokens, state: ModelState | None):
+    def step(self, tokens, state: ModelState | None = None):
         """One recurrent step: tokens [B] -> logits [B,V], or [B,1] -> [B,1,V]."""
         tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
         if tokens.ndim == 1:
