@@ -62,6 +62,20 @@ def _fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
+def publish_directory(tmp: Path, path: Path) -> None:
+    """fsync the files of a finished `tmp`, then rename it to `path`, replacing an old `path`
+    only once the new one is complete."""
+    _fsync_tree(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def atomic_directory(path: str | Path, fill: Callable[[Path], None]) -> Path:
     """Call fill(tmp_dir), then move tmp_dir to `path` so readers never see half a directory.
 
@@ -73,15 +87,7 @@ def atomic_directory(path: str | Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         fill(tmp)
-        _fsync_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
+        publish_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

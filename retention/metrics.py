@@ -104,8 +104,8 @@ class TrainingLogger:
     """Writes one JSON object per logged step to `<log_dir>/metrics.jsonl`, prints a line every
     `log_interval` steps, and drives a tqdm progress bar (with ETA) when `total_steps` is given.
 
-    TensorBoard event files go to `<log_dir>/tensorboard` when tensorboard (or tensorboardX)
-    is installed; Weights & Biases logs when `wandb_project` is set and wandb is installed.
+    TensorBoard event files go to `<log_dir>/tensorboard` when tensorboardX (the `tensorboard`
+    extra) is installed; Weights & Biases logs when `wandb_project` is set and wandb is installed.
     """
 
     def __init__(self, log_dir: str | Path = "logs", log_interval: int = 10, *,
@@ -234,20 +234,13 @@ def format_record(r: dict, total_steps: int | None = None) -> str:
 
 
 def _tensorboard_writer(path: Path, purge_step: int | None = None):
-    """A SummaryWriter from torch.utils.tensorboard or tensorboardX, or None (imported lazily:
-    both are optional). Events at steps >= purge_step that earlier writers left are dropped."""
-    import importlib.util
-    purge = {"purge_step": purge_step} if purge_step else {}
-    if importlib.util.find_spec("tensorboard") is not None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            return SummaryWriter(log_dir=str(path), **purge)
-        except ImportError:
-            pass
-    if importlib.util.find_spec("tensorboardX") is not None:
+    """A tensorboardX SummaryWriter (framework-free, the same on both backends), or None when
+    it is not installed. Events at steps >= purge_step that earlier writers left are dropped."""
+    try:
         from tensorboardX import SummaryWriter
-        return SummaryWriter(logdir=str(path), **purge)
-    return None
+    except ImportError:
+        return None
+    return SummaryWriter(logdir=str(path), purge_step=purge_step or None)
 
 
 def _wandb_run(project: str, config: dict | None):

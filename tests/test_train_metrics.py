@@ -1,6 +1,7 @@
 """TrainingLogger (metrics.jsonl, summary), the FLOPs model, the peak table and `retention plot`."""
 import json
 import math
+import sys
 
 import pytest
 
@@ -94,11 +95,10 @@ def _fake_module(monkeypatch, name, **attrs):
 
 def test_tensorboard_and_wandb_receive_every_scalar(tmp_path, monkeypatch):
     """The optional integrations are wired through (fake modules stand in for the packages)."""
-    import importlib.util
     seen = {"tb": [], "wandb": [], "closed": []}
 
     class Writer:
-        def __init__(self, logdir):
+        def __init__(self, logdir, purge_step=None):
             seen["logdir"] = logdir
 
         def add_scalar(self, key, value, step):
@@ -114,9 +114,6 @@ def test_tensorboard_and_wandb_receive_every_scalar(tmp_path, monkeypatch):
         def finish(self):
             seen["closed"].append("wandb")
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
     _fake_module(monkeypatch, "tensorboardX", SummaryWriter=Writer)
     _fake_module(monkeypatch, "wandb", init=lambda project, config: Run())
     with TrainingLogger(tmp_path, 10, wandb_project="p", run_config={"lr": 1}) as logger:
@@ -128,8 +125,16 @@ def test_tensorboard_and_wandb_receive_every_scalar(tmp_path, monkeypatch):
 
 
 def test_no_tensorboard_installed_is_fine(tmp_path, monkeypatch):
-    import importlib.util
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)     # import fails as if absent
     with TrainingLogger(tmp_path, 10) as logger:
         logger.log(1, {"loss": 1.0})
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
+    logger = TrainingLogger(tmp_path, tensorboard=True)
+    logger.log(1, {"loss": 2.5, "lr": 1e-3})
+    logger.close()
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    data = events.read_bytes()
+    assert b"loss" in data and b"lr" in data

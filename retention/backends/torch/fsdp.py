@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
+from retention.checkpoint import publish_directory
 from retention.config import ModelConfig, TrainConfig
 from retention.distributed import Ranks
 from retention.params import init_std, parameter_shapes
@@ -276,7 +277,7 @@ class DistributedTrainer(Trainer):
                 (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
                 if tokenizer is not None:
                     tokenizer.save(tmp)
-                _finish_directory(tmp, path)
+                publish_directory(tmp, path)
                 _write_pointer(Path(out_dir), path.name)
                 _prune(Path(out_dir), keep_last, path)
             except Exception as e:  # noqa: BLE001
@@ -290,20 +291,6 @@ class DistributedTrainer(Trainer):
     def close(self) -> None:
         self.model = self.params = self.exp_avg = self.exp_avg_sq = None
         self.ranks.comm.close()
-
-
-def _finish_directory(tmp: Path, path: Path) -> None:
-    """fsync the small files, then rename `tmp` to `path` (DCP fsyncs its own files)."""
-    from retention.checkpoint import _fsync_tree, fsync_dir
-    _fsync_tree(tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # --- reading a sharded checkpoint in one process (export, single-process resume) -------------
