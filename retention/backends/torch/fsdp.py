@@ -171,19 +171,12 @@ class DistributedTrainer(Trainer):
     # --- the step ---------------------------------------------------------------------------
     def forward_backward(self, micro_batches) -> tuple[float, float]:
         """Mean loss over the micro-batches and ranks, and the global gradient norm."""
-        for p in self.params.values():
-            p.grad = None
-        n = len(micro_batches)
-        total = torch.zeros((), device=self.device)
-        for inputs, targets in micro_batches:
-            loss = self._loss(inputs, targets)
-            (loss / n).backward()  # FSDP reduce-scatters (averages) into the sharded grads
-            total += loss.detach()
+        mean = self._accumulate(micro_batches)  # FSDP reduce-scatters into the sharded grads
         squares = torch.zeros((), device=self.device)
         for p in self.params.values():
             g = p.grad.to_local()
             squares += torch.sum(g * g)
-        stats = torch.stack([total / n, squares])
+        stats = torch.stack([mean, squares])
         dist.all_reduce(stats)
         loss, sq = stats.tolist()
         return loss / self.ranks.world, math.sqrt(sq) if sq >= 0 else float("nan")

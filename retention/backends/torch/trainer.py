@@ -84,8 +84,8 @@ class Trainer:
             return logits.float().sum() * 0.0
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    def forward_backward(self, micro_batches) -> tuple[float, float]:
-        """Mean loss over the micro-batches and the global gradient norm (grads left in .grad)."""
+    def _accumulate(self, micro_batches) -> torch.Tensor:
+        """Backward over the micro-batches (grads averaged into .grad); their mean loss."""
         for p in self.params.values():
             p.grad = None
         n = len(micro_batches)
@@ -94,9 +94,14 @@ class Trainer:
             loss = self._loss(inputs, targets)
             (loss / n).backward()
             total += loss.detach()
+        return total / n
+
+    def forward_backward(self, micro_batches) -> tuple[float, float]:
+        """Mean loss over the micro-batches and the global gradient norm (grads left in .grad)."""
+        mean = self._accumulate(micro_batches)
         grads = [p.grad for p in self.params.values()]
         norm = torch.sqrt(sum(torch.sum(g * g) for g in grads))
-        return (total / n).item(), norm.item()
+        return mean.item(), norm.item()
 
     @torch.no_grad()
     def apply_update(self, lr: float, grad_norm: float) -> None:
