@@ -148,7 +148,7 @@ def kernel_resources():
     """Registers, spills and shared memory of every compiled kernel variant (from ptxas)."""
     from retention.kernels.triton import chunked
 
-    for name in ("_chunk_state", "_scan", "_out_fwd", "_chunk_dstate", "_dq_bwd", "_dkv_bwd"):
+    for name in ("_state_scan", "_out_fwd", "_dq_bwd", "_dkv_bwd"):
         try:
             for cache in getattr(chunked, name).device_caches.values():
                 for k in cache[0].values():
@@ -159,6 +159,58 @@ def kernel_resources():
             print(name, "resources unavailable:", type(e).__name__, e)
 
 
+def scan_variants():
+    """Operand that carries the per-token scale in the state scan (b: values rebuilt in
+    shared memory per row; a: x^T scaled in registers) x rows per program."""
+    from retention.kernels.triton import ops
+
+    best = None
+    for operand in ("b", "a"):
+        for rows in ("4", "2"):
+            ops.SCAN_BSIDE = operand == "b"
+            os.environ["RETENTION_TRITON_SCAN_ROWS"] = rows
+            try:
+                res = [ours(T) for T in (4096, 65536)]
+            except Exception as e:
+                print(f"scan operand={operand} rows={rows}: failed {type(e).__name__}: "
+                      f"{str(e)[:160]}", flush=True)
+                continue
+            total = sum(fb for _, fb in res)
+            print(f"scan operand={operand} rows={rows}: " + ", ".join(
+                f"T={T} fwd {f:.2f} fwd+bwd {fb:.2f} ms" for T, (f, fb) in zip((4096, 65536), res)),
+                flush=True)
+            if best is None or total < best[0]:
+                best = (total, operand, rows)
+    os.environ.pop("RETENTION_TRITON_SCAN_ROWS", None)
+    if best:
+        print(f"BEST RETENTION_TRITON_SCAN_OPERAND={best[1]} RETENTION_TRITON_SCAN_ROWS={best[2]}",
+              flush=True)
+
+
+def tune():
+    """Launch settings of the kernels (ops module knobs), fwd+bwd ms at T=4096 and 65536."""
+    from retention.kernels.triton import ops
+
+    base = (ops.BLOCK_M, ops._warps, ops._stages, ops._row_group)
+    variants = [("default", {})]
+    for bm, w, st in ((64, 4, 2), (64, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 3)):
+        variants.append((f"BM={bm} warps={w} stages={st}",
+                         dict(BLOCK_M=bm, _warps=lambda d, w=w: w,
+                              _stages=lambda d, dt, st=st: st)))
+    variants += [("rows/program 2", dict(_row_group=lambda d: 2))]
+    for name, knobs in variants:
+        for key, val in knobs.items():
+            setattr(ops, key, val)
+        try:
+            res = [ours(T) for T in (4096, 65536)]
+            print(f"tune {name}: " + ", ".join(f"T={T} fwd {f:.2f} fwd+bwd {fb:.2f} ms"
+                                               for T, (f, fb) in zip((4096, 65536), res)),
+                  flush=True)
+        except Exception as e:
+            print(f"tune {name}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
+        ops.BLOCK_M, ops._warps, ops._stages, ops._row_group = base
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest-path", default=None)
@@ -166,6 +218,12 @@ def main():
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time chunk sizes 128/256/512")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--scan-variants", action="store_true",
+                    help="time the state scan's operand choice and rows per program "
+                         "(T=4096 and 65536), print the fastest as env settings, and stop")
+    ap.add_argument("--tune", action="store_true",
+                    help="also time row-block sizes, warps and pipeline stages of the per-block "
+                         "kernels and the rows per state-scan program (T=4096 and 65536)")
     args = ap.parse_args()
     if args.child:
         return manifest_child()
@@ -177,6 +235,8 @@ def main():
     peak = matmul_peak()
     print(f"{time.strftime('%Y-%m-%d')} | {torch.cuda.get_device_name()} | torch {torch.__version__}"
           f" | triton {triton.__version__} | bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    if args.scan_variants:   # on its own: pick the state scan's launch settings first
+        return scan_variants()
     man = manifest(args.manifest_path, args.manifest_timeout) if args.manifest_path else {}
     rows = []
     for T in TS:
@@ -202,6 +262,8 @@ def main():
             for c in (128, 256, 512):
                 of, ofb = ours(T, chunk=c)
                 print(f"sweep T={T} chunk={c}: fwd {of:.2f} ms, fwd+bwd {ofb:.2f} ms", flush=True)
+    if args.tune:
+        tune()
     kernel_resources()
     if args.profile:
         profile(65536)

@@ -1,27 +1,28 @@
-"""Triton kernels of chunked power retention, degree 2 (DESIGN section 1).
+"""Triton kernels of chunked power retention, degree 2 (DESIGN section 1), in the "row a" form.
 
-A chunk of C tokens is cut into row blocks of BM tokens; the 256 features of a block pair
-(I <= J) of the head dim (layout.py) form one feature tile (FW-row halves in the state kernels).
-  _chunk_state   one program per (chunk, feature tile, KV head x value tile): the chunk's
-                 increment of the state (all chunks in parallel).
-  _scan          the carry across chunks, in place: increments -> states entering each chunk
-                 (Hst, Zst) and the final state; reversed, the same for gradients.
-  _out_fwd       one program per (row block, query head): queries read their chunk's state,
-                 plus masked attention over the chunk's earlier keys; y = num / den.
-  _chunk_dstate  the chunk's queries' increment of the state gradient (then _scan, reversed).
-  _dq_bwd        one program per (row block, query head).
-  _dkv_bwd       one program per (row block, KV head), looping over the group's query heads.
+Internal layout (layout.py): the state holds, for each head-dim row a (block I = a // 16), the
+features x_a x_b for b in [16 I, d), weight sqrt(2) when b is in a later block; D_int rows of
+d values. The denominator's state is the d x d Gram matrix Z = sum k k^T (phi(q).z = q^T Z q).
+Every state matmul is then a plain dot whose operand is a [rows, W] tile of x scaled by one
+column x_a: no feature tile is ever reshaped, and Triton keeps the scaled tile in the wgmma
+register layout (A operand from registers), with the state rows streamed by the pipeliner.
 
-Features: the state kernels build a tile phiT[(a,b), t] = x[t, I*16+a] * x[t, J*16+b] as the
-product of two exact 0/1 selections E_I^T x^T and E_J^T x^T (SELT tables), which keeps it in
-the tensor cores' register layout; the per-block kernels build [BM, 256] tiles from two
-[BM, 16] column blocks by broadcasting and tl.reshape, and scatter gradients back the same way
-(faster there on an H200: the selection matmuls spilled registers; docs/kernels.md).
-Matrix operands are bf16 for bf16 inputs and float32 otherwise (the state of a long sequence
-overflows float16); accumulators are float32. No tl.trans: transposed operands are loaded
-transposed from memory (Hopper miscompiles tl.trans of a dot result fed to a dot, triton
-3.4-3.7.0). Gates: Bg holds log-gates summed from each chunk's start (b_i); queries carry
-e^{b_i}, keys e^{b_last - b_j}, the state decays by e^{b_last} per chunk.
+  _state_scan   one program per (group of AG rows a | the Gram matrix, value tile, KV head)
+                walks every chunk: stores the state entering the chunk, decays, adds the chunk.
+                REVERSE: the same for the state gradients, from the queries' dnum = dy/den.
+  _out_fwd      one program per (row block, query head): state read + masked intra-chunk
+                attention; y = num / den.
+  _dq_bwd       one program per (row block, query head).
+  _dkv_bwd      one program per (row block, KV head), looping over the group's query heads.
+
+Row-block gradients through the features: for f = sum_a sum_b fac w_ab x_a x_b U[a,b],
+df/dx_a (x_a as the row) is a column of the result and df/dx_b a [rows, W] tile; both are
+added into the fp32 output in global memory (read-modify-write between barriers: one
+program owns its rows). Matrix operands are bf16 for bf16 inputs and float32 otherwise;
+accumulators float32. No tl.trans (Hopper miscompiles tl.trans of a dot result fed to a dot,
+triton 3.4-3.7.0): transposed operands are loaded transposed. Gates: Bg holds log-gates summed
+from each chunk's start (b_i); queries carry e^{b_i}, keys e^{b_last - b_j}, the state decays
+by e^{b_last} per chunk; every factor is <= 1.
 """
 import triton
 import triton.language as tl
@@ -29,114 +30,292 @@ import triton.language as tl
 SQRT2 = tl.constexpr(1.4142135623730951)
 
 
+# --- the state scan -------------------------------------------------------------------------
 @triton.jit
-def _selT(SELT, which, blk, h, D_HEAD: tl.constexpr, NB: tl.constexpr, FW: tl.constexpr):
-    """Rows h*FW.. of the selection SELT[which, blk], [FW, d]: row f picks column
-    blk*16 + f//16 (which=0) or blk*16 + f%16 (which=1)."""
-    c = tl.arange(0, D_HEAD)
-    ff = h * FW + tl.arange(0, FW)
-    return tl.load(SELT + ((which * NB + blk) * 256 + ff[:, None]) * D_HEAD + c[None, :])
+def _src_tile(xbase, t, tm, xrs, rows_b, bmask):
+    """x^T rows b, tokens t: [d, BK] in the input dtype."""
+    return tl.load(xbase + t[None, :].to(tl.int64) * xrs + rows_b[:, None],
+                   mask=bmask[:, None] & tm[None, :], other=0.0)
 
 
 @triton.jit
-def _pair_of(p, NB: tl.constexpr):
-    """Block pair (I, J) of tile index p (pairs ordered I <= J, row by row)."""
-    I = p * 0
-    for i in tl.static_range(1, NB):
-        I += (p >= i * NB - (i * (i - 1)) // 2).to(tl.int32)
-    J = p - (I * NB - (I * (I - 1)) // 2) + I
-    return I, J
+def _scaled_dot(xT, yb, scale_t, acc, BSIDE: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr):
+    """acc += x^T diag(scale_t) y. BSIDE scales y's rows (a new shared-memory B operand per
+    call, x^T feeds the tensor cores straight from shared memory); else x^T's columns in
+    registers (A operand)."""
+    if BSIDE:
+        return tl.dot(xT.to(DT), (yb * scale_t[:, None]).to(DT), acc, input_precision=PREC)
+    else:
+        return tl.dot((xT.to(tl.float32) * scale_t[None, :]).to(DT), yb.to(DT), acc,
+                      input_precision=PREC)
 
 
-@triton.jit(do_not_specialize=["T", "H", "Tp", "N"])
-def _chunk_state(K, V, Bg, Hst, Zst, SELT,
-                 T, H, Tp, N,
-                 D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, FW: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """What chunk n adds to the state: phi(keys discounted to the chunk end)^T v, and sum."""
-    NB: tl.constexpr = D_HEAD // 16
-    HS: tl.constexpr = 256 // FW
+@triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
+def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, scale,
+                T, H, Hq, Tp, N,
+                D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr):
+    """Forward (X = k, Yv = v): Sst[n] = state entering chunk n, FIN = final state.
+    REVERSE (X = q, Yv = dy, over the group's query heads): Sst[n] = gradient of the state
+    leaving chunk n, FIN = gradient of the initial state. Program axis 0: groups of AG rows a
+    (all in one 16-block), the last one the Gram matrix Z (rows a = all of d, unweighted).
+    The two kinds of program are separate static paths, so each token loop is pipelined.
+    Grid (B*H*NV, NAG + 1): blocks launch x-fastest, so the cheap Gram programs come last and
+    fill the tail of the last wave."""
+    if tl.program_id(1) == D_HEAD // AG:
+        _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_Z, Zst, FIN_Z, scale, T, H, Hq, Tp, N,
+                   D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, True)
+    else:
+        _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
+                   D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, False)
+
+
+@triton.jit
+def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
+               D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+               AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+               HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
+               IS_Z: tl.constexpr):
     NV: tl.constexpr = D_HEAD // BV
-    n = tl.program_id(0)
-    p = tl.program_id(1) // HS
-    hs = tl.program_id(1) % HS
-    bh = tl.program_id(2) // NV
-    pv = tl.program_id(2) % NV
+    g = tl.program_id(1)
+    bh = tl.program_id(0) // NV
+    pv = tl.program_id(0) % NV
     b = bh // H
     h = bh % H
-    I, J = _pair_of(p, NB)
-    w = tl.where(I == J, 1.0, SQRT2)
-    e1T = _selT(SELT, 0, I, hs, D_HEAD, NB, FW)
-    e2T = _selT(SELT, 1, J, hs, D_HEAD, NB, FW)
-    cols = tl.arange(0, D_HEAD)
+    RG = Hq // H
+    r = tl.arange(0, D_HEAD)
     vc = pv * BV + tl.arange(0, BV)
     bh64 = bh.to(tl.int64)
-    rs = H * D_HEAD
-    kbase = K + (b.to(tl.int64) * T * H + h) * D_HEAD
-    vbase = V + (b.to(tl.int64) * T * H + h) * D_HEAD
-    blast = tl.load(Bg + bh64 * Tp + n * C + C - 1)
-    S = tl.zeros([FW, BV], dtype=tl.float32)
-    z = tl.zeros([FW], dtype=tl.float32)
-    for s in range(C // BK):
-        t = n * C + s * BK + tl.arange(0, BK)
-        tm = t < T
-        kfac = tl.exp(blast - tl.load(Bg + bh64 * Tp + t)) * w
-        kT = tl.load(kbase + t[None, :] * rs + cols[:, None], mask=tm[None, :], other=0.0).to(DT)
-        phiT = (tl.dot(e1T, kT, input_precision=PREC) * tl.dot(e2T, kT, input_precision=PREC)
-                * kfac[None, :])
-        vb = tl.load(vbase + t[:, None] * rs + vc[None, :], mask=tm[:, None], other=0.0)
-        S += tl.dot(phiT.to(DT), vb.to(DT), input_precision=PREC)
-        z += tl.sum(phiT, axis=1)
-    f = p * 256 + hs * FW + tl.arange(0, FW)
-    tl.store(Hst + ((bh64 * N + n) * DINT + f[:, None]) * D_HEAD + vc[None, :], S.to(DT))
-    tl.store(Zst + (bh64 * N + n) * DINT + f, z, mask=f < tl.where(pv == 0, DINT, 0))
-
-
-@triton.jit(do_not_specialize=["N", "L", "Tp"])
-def _scan(X, Bg, INIT, FINAL, N, L, Tp, C: tl.constexpr, BL: tl.constexpr,
-          HAS_INIT: tl.constexpr, REVERSE: tl.constexpr):
-    """In place over chunks: X[n] <- carry, carry <- e^{b_last(n)} carry + X[n].
-
-    Forward: chunk increments become the states entering each chunk, FINAL the last state.
-    REVERSE: query-side increments become the gradients of the states after each chunk,
-    FINAL the gradient of the initial state."""
-    bh = tl.program_id(0)
-    offs = tl.program_id(1) * BL + tl.arange(0, BL)
-    m = offs < L
-    bh64 = bh.to(tl.int64)
-    if HAS_INIT:
-        carry = tl.load(INIT + bh64 * L + offs, mask=m, other=0.0)
+    if IS_Z:
+        a0 = 0
+        I = 0
+        W = D_HEAD
+        rows_b = r
+        bmask = r < D_HEAD
+        wrow = tl.full([D_HEAD], 1.0, tl.float32)
+        LEN: tl.constexpr = D_HEAD
+        srow = r
     else:
-        carry = tl.zeros([BL], dtype=tl.float32)
+        a0 = g * AG
+        I = a0 // 16
+        W = D_HEAD - 16 * I
+        rows_b = 16 * I + r                      # accumulator row r <-> feature column b
+        bmask = rows_b < D_HEAD
+        wrow = tl.where(rows_b < 16 * I + 16, 1.0, SQRT2)
+        LEN: tl.constexpr = DINT
+        srow = 16 * (I * D_HEAD - 8 * I * (I - 1)) + (a0 - 16 * I) * W + r
+    smask = (r < W)[:, None] & (vc < D_HEAD)[None, :]
+    sptr = srow[:, None] * D_HEAD + vc[None, :]
+    wcol = wrow[:, None]      # the accumulators hold unweighted rows; weights on load/store
+    acc0 = tl.zeros([D_HEAD, BV], dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    if HAS_INIT:
+        ib = INIT + bh64 * LEN * D_HEAD + sptr
+        acc0 = tl.load(ib, mask=smask, other=0.0) / wcol
+        if not IS_Z:
+            if AG > 1:
+                acc1 = tl.load(ib + W * D_HEAD, mask=smask, other=0.0) / wcol
+            if AG > 2:
+                acc2 = tl.load(ib + 2 * W * D_HEAD, mask=smask, other=0.0) / wcol
+                acc3 = tl.load(ib + 3 * W * D_HEAD, mask=smask, other=0.0) / wcol
+    if REVERSE:
+        xrs = Hq * D_HEAD
+        nrep = RG
+    else:
+        xrs = H * D_HEAD
+        nrep = 1
     for i in range(N):
         if REVERSE:
             n = N - 1 - i
         else:
             n = i
-        decay = tl.exp(tl.load(Bg + bh64 * Tp + n * C + C - 1))
-        ptr = X + (bh64 * N + n) * L + offs
-        x = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-        tl.store(ptr, carry.to(X.dtype.element_ty), mask=m)
-        carry = decay * carry + x
-    tl.store(FINAL + bh64 * L + offs, carry, mask=m)
+        # Store what the chunk sees (forward) or what its keys get (reverse), then decay.
+        ob = Sst + (bh64 * N + n) * LEN * D_HEAD + sptr
+        tl.store(ob, (acc0 * wcol).to(Sst.dtype.element_ty), mask=smask)
+        if not IS_Z:
+            if AG > 1:
+                tl.store(ob + W * D_HEAD, (acc1 * wcol).to(Sst.dtype.element_ty), mask=smask)
+            if AG > 2:
+                tl.store(ob + 2 * W * D_HEAD, (acc2 * wcol).to(Sst.dtype.element_ty), mask=smask)
+                tl.store(ob + 3 * W * D_HEAD, (acc3 * wcol).to(Sst.dtype.element_ty), mask=smask)
+        blast = tl.load(Bg + bh64 * Tp + n * C + C - 1)
+        decay = tl.exp(blast)
+        acc0 *= decay
+        acc1 *= decay
+        acc2 *= decay
+        acc3 *= decay
+        for rr in range(nrep):
+            if REVERSE:
+                hx = h * RG + rr
+                xbase = X + (b.to(tl.int64) * T * Hq + hx) * D_HEAD
+                ybase = Yv + (b.to(tl.int64) * T * Hq + hx) * D_HEAD
+                rowbase = (b * Hq + hx).to(tl.int64) * T
+            else:
+                xbase = X + (b.to(tl.int64) * T * H + h) * D_HEAD
+                ybase = Yv + (b.to(tl.int64) * T * H + h) * D_HEAD
+                rowbase = bh64 * T
+            if IS_Z:
+                ybase = xbase
+            for s in range(C // BK):
+                t = n * C + s * BK + tl.arange(0, BK)
+                tm = t < T
+                bt = tl.load(Bg + bh64 * Tp + t)
+                if REVERSE:
+                    den = tl.load(DEN + rowbase + t, mask=tm, other=1.0)
+                    den = tl.where(den > 0, den, 1.0)
+                    fac = scale * scale * tl.exp(bt) / den            # phi(q) / den
+                    if IS_Z:
+                        fac = -fac * tl.load(DELTA + rowbase + t, mask=tm, other=0.0)  # f dden
+                else:
+                    fac = tl.exp(blast - bt)                          # phi(k e^{(bl-b)/2})
+                xT = _src_tile(xbase, t, tm, xrs, rows_b, bmask)
+                yb = tl.load(ybase + t[:, None].to(tl.int64) * xrs + vc[None, :],
+                             mask=tm[:, None], other=0.0).to(tl.float32)
+                if IS_Z:
+                    acc0 = _scaled_dot(xT, yb, fac, acc0, BSIDE, DT, PREC)
+                else:
+                    xa = tl.load(xbase + t.to(tl.int64) * xrs + a0, mask=tm,
+                                 other=0.0).to(tl.float32) * fac
+                    acc0 = _scaled_dot(xT, yb, xa, acc0, BSIDE, DT, PREC)
+                    if AG > 1:
+                        xa = tl.load(xbase + t.to(tl.int64) * xrs + a0 + 1, mask=tm,
+                                     other=0.0).to(tl.float32) * fac
+                        acc1 = _scaled_dot(xT, yb, xa, acc1, BSIDE, DT, PREC)
+                    if AG > 2:
+                        xa = tl.load(xbase + t.to(tl.int64) * xrs + a0 + 2, mask=tm,
+                                     other=0.0).to(tl.float32) * fac
+                        acc2 = _scaled_dot(xT, yb, xa, acc2, BSIDE, DT, PREC)
+                        xa = tl.load(xbase + t.to(tl.int64) * xrs + a0 + 3, mask=tm,
+                                     other=0.0).to(tl.float32) * fac
+                        acc3 = _scaled_dot(xT, yb, xa, acc3, BSIDE, DT, PREC)
+    fb = FIN + bh64 * LEN * D_HEAD + sptr
+    tl.store(fb, acc0 * wcol, mask=smask)
+    if not IS_Z:
+        if AG > 1:
+            tl.store(fb + W * D_HEAD, acc1 * wcol, mask=smask)
+        if AG > 2:
+            tl.store(fb + 2 * W * D_HEAD, acc2 * wcol, mask=smask)
+            tl.store(fb + 3 * W * D_HEAD, acc3 * wcol, mask=smask)
+
+
+# --- row-block helpers ----------------------------------------------------------------------
+@triton.jit
+def _block_cols(xrow, rm, c):
+    """Columns c of rows xrow, float32, times the feature weight (1 in block I, else sqrt2)."""
+    return tl.load(xrow[:, None] + c[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_pair(base, t, tmask, I, J, row_stride):
-    """Columns of blocks I and J of rows t: two [BM, 16] float32 tiles."""
-    a = tl.arange(0, 16)
-    xi = tl.load(base + t[:, None] * row_stride + (I * 16 + a)[None, :], mask=tmask[:, None],
-                 other=0.0).to(tl.float32)
-    xj = tl.load(base + t[:, None] * row_stride + (J * 16 + a)[None, :], mask=tmask[:, None],
-                 other=0.0).to(tl.float32)
-    return xi, xj
+def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, W: tl.constexpr,
+                OFF: tl.constexpr, D_HEAD: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """acc += phi(x)[:, block I's features] @ S rows, as sum_a dot(fac x_a * w x_J, S_a).
+    W = d - 16 I is cut into up to three power-of-two column parts (dot shapes)."""
+    P1: tl.constexpr = W & (0 - W)
+    R1: tl.constexpr = W - P1
+    P2: tl.constexpr = R1 & (0 - R1)
+    R2: tl.constexpr = R1 - P2
+    P3: tl.constexpr = R2 & (0 - R2)
+    c1 = 16 * I + tl.arange(0, P1)
+    x1 = _block_cols(xrow, rm, c1) * tl.where(c1 < 16 * I + 16, 1.0, SQRT2)[None, :]
+    x2 = x1
+    x3 = x1
+    if R1 > 0:
+        c2 = 16 * I + P1 + tl.arange(0, P2)
+        x2 = _block_cols(xrow, rm, c2) * SQRT2
+    if R2 > 0:
+        c3 = 16 * I + P1 + P2 + tl.arange(0, P3)
+        x3 = _block_cols(xrow, rm, c3) * SQRT2
+    for al in range(16):
+        xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
+        so = Sb + (OFF + al * W) * D_HEAD
+        s1 = tl.load(so + tl.arange(0, P1)[:, None] * D_HEAD + cols[None, :])
+        acc = tl.dot((x1 * xa[:, None]).to(DT), s1.to(DT), acc, input_precision=PREC)
+        if R1 > 0:
+            s2 = tl.load(so + (P1 + tl.arange(0, P2))[:, None] * D_HEAD + cols[None, :])
+            acc = tl.dot((x2 * xa[:, None]).to(DT), s2.to(DT), acc, input_precision=PREC)
+        if R2 > 0:
+            s3 = tl.load(so + (P1 + P2 + tl.arange(0, P3))[:, None] * D_HEAD + cols[None, :])
+            acc = tl.dot((x3 * xa[:, None]).to(DT), s3.to(DT), acc, input_precision=PREC)
+    return acc
 
 
+@triton.jit
+def _rmw(ptr, rm, c, add):
+    """out[rows, c] += add (fp32, this program's own rows)."""
+    p = ptr[:, None] + c[None, :]
+    m = rm[:, None]
+    tl.store(p, tl.load(p, mask=m, other=0.0, cache_modifier=".cg") + add, mask=m)
+
+
+@triton.jit
+def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, W: tl.constexpr,
+                OFF: tl.constexpr, D_HEAD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr):
+    """grad[rows] += d/dx of sum_{a in block I, b} fac w_ab x_a x_b U[a,b], U_a = A @ S_a^T.
+    x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile."""
+    P1: tl.constexpr = W & (0 - W)
+    R1: tl.constexpr = W - P1
+    P2: tl.constexpr = R1 & (0 - R1)
+    R2: tl.constexpr = R1 - P2
+    P3: tl.constexpr = R2 & (0 - R2)
+    c1 = 16 * I + tl.arange(0, P1)
+    w1 = tl.where(c1 < 16 * I + 16, 1.0, SQRT2)
+    x1 = _block_cols(xrow, rm, c1) * w1[None, :]
+    g1 = tl.zeros([BM, P1], dtype=tl.float32)
+    x2 = x1
+    x3 = x1
+    g2 = g1
+    g3 = g1
+    if R1 > 0:
+        c2 = 16 * I + P1 + tl.arange(0, P2)
+        x2 = _block_cols(xrow, rm, c2) * SQRT2
+        g2 = tl.zeros([BM, P2], dtype=tl.float32)
+    if R2 > 0:
+        c3 = 16 * I + P1 + P2 + tl.arange(0, P3)
+        x3 = _block_cols(xrow, rm, c3) * SQRT2
+        g3 = tl.zeros([BM, P3], dtype=tl.float32)
+    colI = tl.zeros([BM, 16], dtype=tl.float32)
+    k16 = tl.arange(0, 16)
+    for al in range(16):
+        xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
+        so = Sb + (OFF + al * W) * D_HEAD
+        sT1 = tl.load(so + tl.arange(0, P1)[None, :] * D_HEAD + cols[:, None])
+        u = tl.dot(A, sT1.to(DT), input_precision=PREC)
+        col = tl.sum(u * x1, axis=1)
+        g1 += u * xa[:, None]
+        if R1 > 0:
+            sT2 = tl.load(so + (P1 + tl.arange(0, P2))[None, :] * D_HEAD + cols[:, None])
+            u = tl.dot(A, sT2.to(DT), input_precision=PREC)
+            col += tl.sum(u * x2, axis=1)
+            g2 += u * xa[:, None]
+        if R2 > 0:
+            sT3 = tl.load(so + (P1 + P2 + tl.arange(0, P3))[None, :] * D_HEAD + cols[:, None])
+            u = tl.dot(A, sT3.to(DT), input_precision=PREC)
+            col += tl.sum(u * x3, axis=1)
+            g3 += u * xa[:, None]
+        colI += tl.where((k16 == al)[None, :], col[:, None], 0.0)
+    tl.debug_barrier()
+    _rmw(grow, rm, c1, g1 * w1[None, :])
+    if R1 > 0:
+        _rmw(grow, rm, c2, g2 * SQRT2)
+    if R2 > 0:
+        _rmw(grow, rm, c3, g3 * SQRT2)
+    tl.debug_barrier()
+    _rmw(grow, rm, 16 * I + k16, colI * fac[:, None])
+    tl.debug_barrier()
+
+
+# --- forward output -------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _out_fwd(Q, K, V, Bg, Hst, Zst, Y, DEN, PAIRS, scale,
+def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
              T, H, Hq, Tp, N,
-             NP: tl.constexpr, D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr,
-             BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+             DT: tl.constexpr, PREC: tl.constexpr):
+    NB: tl.constexpr = D_HEAD // 16
     pm = tl.program_id(0)
     pbh = tl.program_id(1)
     b = pbh // Hq
@@ -146,36 +325,31 @@ def _out_fwd(Q, K, V, Bg, Hst, Zst, Y, DEN, PAIRS, scale,
     rows = pm * BM + tl.arange(0, BM)
     rm = rows < T
     cols = tl.arange(0, D_HEAD)
-    f = tl.arange(0, 256)
     bh64 = (b * H + h).to(tl.int64)
     qrs = Hq * D_HEAD
     krs = H * D_HEAD
-    qbase = Q + (b.to(tl.int64) * T * Hq + hq) * D_HEAD
+    qrow = Q + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
     kbase = K + (b.to(tl.int64) * T * H + h) * D_HEAD
     vbase = V + (b.to(tl.int64) * T * H + h) * D_HEAD
     bq = tl.load(Bg + bh64 * Tp + rows)
-    qfac = scale * scale * tl.exp(bq)
+    fq = scale * scale * tl.exp(bq)
+    q = tl.load(qrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
+    # Denominator's state: phi(q).z = q^T Z q.
+    zt = tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD + cols[None, :])
+    qz = tl.dot(q.to(DT), zt.to(DT), input_precision=PREC)
+    den = fq * tl.sum(qz * q.to(tl.float32), axis=1)
     acc = tl.zeros([BM, D_HEAD], dtype=tl.float32)
-    den = tl.zeros([BM], dtype=tl.float32)
-    # Queries read the state that entered their chunk.
-    for p in range(NP):
-        I = tl.load(PAIRS + 2 * p)
-        J = tl.load(PAIRS + 2 * p + 1)
-        w = tl.where(I == J, 1.0, SQRT2)
-        qi, qj = _load_pair(qbase, rows, rm, I, J, qrs)
-        phi = tl.reshape(qi[:, :, None] * qj[:, None, :], (BM, 256)) * (w * qfac)[:, None]
-        hoff = ((bh64 * N + n) * DINT + p * 256) * D_HEAD
-        ht = tl.load(Hst + hoff + f[:, None] * D_HEAD + cols[None, :])
-        acc += tl.dot(phi.to(DT), ht, input_precision=PREC)
-        zt = tl.load(Zst + (bh64 * N + n) * DINT + p * 256 + f)
-        den += tl.sum(phi * zt[None, :], axis=1)
+    Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
+    for I in tl.static_range(NB):
+        acc = _read_block(acc, qrow, rm, fq, Sb, cols, I, D_HEAD - 16 * I,
+                          16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, DT, PREC)
     # Masked attention over this chunk's keys up to the diagonal.
-    q = tl.load(qbase + rows[:, None] * qrs + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
+    qd = q.to(DT)
     for kb in range(n * C, pm * BM + BM, BM):
         kr = kb + tl.arange(0, BM)
         km = kr < T
         kT = tl.load(kbase + kr[None, :] * krs + cols[:, None], mask=km[None, :], other=0.0)
-        s = tl.dot(q, kT.to(DT), input_precision=PREC) * scale
+        s = tl.dot(qd, kT.to(DT), input_precision=PREC) * scale
         bk = tl.load(Bg + bh64 * Tp + kr)
         keep = (rows[:, None] >= kr[None, :]) & km[None, :]
         wgt = tl.where(keep, s * s * tl.exp(bq[:, None] - bk[None, :]), 0.0)
@@ -189,75 +363,13 @@ def _out_fwd(Q, K, V, Bg, Hst, Zst, Y, DEN, PAIRS, scale,
     tl.store(DEN + pbh.to(tl.int64) * T + rows, den, mask=rm)
 
 
+# --- backward ------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _chunk_dstate(Q, Bg, DY, DEN, DELTA, dHst, dZst, SELT, scale,
-                  T, H, Hq, Tp, N,
-                  D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, FW: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """What chunk n's queries add to the gradient of the state they read (the group's heads)."""
-    NB: tl.constexpr = D_HEAD // 16
-    HS: tl.constexpr = 256 // FW
-    NV: tl.constexpr = D_HEAD // BV
-    n = tl.program_id(0)
-    p = tl.program_id(1) // HS
-    hs = tl.program_id(1) % HS
-    bh = tl.program_id(2) // NV
-    pv = tl.program_id(2) % NV
-    b = bh // H
-    h = bh % H
-    RG = Hq // H
-    I, J = _pair_of(p, NB)
-    w = tl.where(I == J, 1.0, SQRT2)
-    e1T = _selT(SELT, 0, I, hs, D_HEAD, NB, FW)
-    e2T = _selT(SELT, 1, J, hs, D_HEAD, NB, FW)
-    cols = tl.arange(0, D_HEAD)
-    vc = pv * BV + tl.arange(0, BV)
-    bh64 = bh.to(tl.int64)
-    qrs = Hq * D_HEAD
-    R = tl.zeros([FW, BV], dtype=tl.float32)
-    Rz = tl.zeros([FW], dtype=tl.float32)
-    for r in range(RG):
-        hq = h * RG + r
-        qbase = Q + (b.to(tl.int64) * T * Hq + hq) * D_HEAD
-        dybase = DY + (b.to(tl.int64) * T * Hq + hq) * D_HEAD
-        rowbase = (b * Hq + hq).to(tl.int64) * T
-        for s in range(C // BK):
-            t = n * C + s * BK + tl.arange(0, BK)
-            tm = t < T
-            qfac = scale * scale * tl.exp(tl.load(Bg + bh64 * Tp + t)) * w
-            qT = tl.load(qbase + t[None, :] * qrs + cols[:, None], mask=tm[None, :],
-                         other=0.0).to(DT)
-            phiT = (tl.dot(e1T, qT, input_precision=PREC) * tl.dot(e2T, qT, input_precision=PREC)
-                    * qfac[None, :])
-            den = tl.load(DEN + rowbase + t, mask=tm, other=1.0)
-            den = tl.where(den > 0, den, 1.0)
-            dden = -tl.load(DELTA + rowbase + t, mask=tm, other=0.0) / den
-            dnum = tl.load(dybase + t[:, None] * qrs + vc[None, :], mask=tm[:, None],
-                           other=0.0).to(tl.float32) / den[:, None]
-            R += tl.dot(phiT.to(DT), dnum.to(DT), input_precision=PREC)
-            Rz += tl.sum(phiT * dden[None, :], axis=1)
-    f = p * 256 + hs * FW + tl.arange(0, FW)
-    tl.store(dHst + ((bh64 * N + n) * DINT + f[:, None]) * D_HEAD + vc[None, :], R.to(DT))
-    tl.store(dZst + (bh64 * N + n) * DINT + f, Rz, mask=f < tl.where(pv == 0, DINT, 0))
-
-
-@triton.jit
-def _scatter_pair(acc3, g, xi, xj, I, J, BM: tl.constexpr, NB: tl.constexpr):
-    """acc3 [BM, NB, 16] += d/dx of sum(g * x_I (x) x_J): g is [BM, 256] over the tile."""
-    g3 = tl.reshape(g, (BM, 16, 16))
-    di = tl.sum(g3 * xj[:, None, :], axis=2)
-    dj = tl.sum(g3 * xi[:, :, None], axis=1)
-    blk = tl.arange(0, NB)
-    acc3 += tl.where((blk == I)[None, :, None], di[:, None, :], 0.0)
-    acc3 += tl.where((blk == J)[None, :, None], dj[:, None, :], 0.0)
-    return acc3
-
-
-@triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _dq_bwd(Q, K, V, Bg, Hst, Zst, DY, DEN, DELTA, DQ, PAIRS, scale,
+def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
             T, H, Hq, Tp, N,
-            NP: tl.constexpr, D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr,
-            BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+            D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+            DT: tl.constexpr, PREC: tl.constexpr):
+    NB: tl.constexpr = D_HEAD // 16
     pm = tl.program_id(0)
     pbh = tl.program_id(1)
     b = pbh // Hq
@@ -267,57 +379,53 @@ def _dq_bwd(Q, K, V, Bg, Hst, Zst, DY, DEN, DELTA, DQ, PAIRS, scale,
     rows = pm * BM + tl.arange(0, BM)
     rm = rows < T
     cols = tl.arange(0, D_HEAD)
-    f = tl.arange(0, 256)
     bh64 = (b * H + h).to(tl.int64)
     qrs = Hq * D_HEAD
     krs = H * D_HEAD
-    qbase = Q + (b.to(tl.int64) * T * Hq + hq) * D_HEAD
+    qrow = Q + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
     kbase = K + (b.to(tl.int64) * T * H + h) * D_HEAD
     vbase = V + (b.to(tl.int64) * T * H + h) * D_HEAD
     dybase = DY + (b.to(tl.int64) * T * Hq + hq) * D_HEAD
+    grow = DQ + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
     bq = tl.load(Bg + bh64 * Tp + rows)
-    qfac = scale * scale * tl.exp(bq)
+    fq = scale * scale * tl.exp(bq)
     den = tl.load(DEN + pbh.to(tl.int64) * T + rows, mask=rm, other=1.0)
     den = tl.where(den > 0, den, 1.0)
     dden = -tl.load(DELTA + pbh.to(tl.int64) * T + rows, mask=rm, other=0.0) / den
     dnum = tl.load(dybase + rows[:, None] * qrs + cols[None, :], mask=rm[:, None],
                    other=0.0).to(tl.float32) / den[:, None]
     dnum_dt = dnum.to(DT)
-    NB: tl.constexpr = D_HEAD // 16
-    dq3 = tl.zeros([BM, NB, 16], dtype=tl.float32)
-    for p in range(NP):
-        I = tl.load(PAIRS + 2 * p)
-        J = tl.load(PAIRS + 2 * p + 1)
-        w = tl.where(I == J, 1.0, SQRT2)
-        hoff = ((bh64 * N + n) * DINT + p * 256) * D_HEAD
-        htT = tl.load(Hst + hoff + f[None, :] * D_HEAD + cols[:, None])
-        zt = tl.load(Zst + (bh64 * N + n) * DINT + p * 256 + f)
-        dphi = tl.dot(dnum_dt, htT, input_precision=PREC) + dden[:, None] * zt[None, :]
-        qi, qj = _load_pair(qbase, rows, rm, I, J, qrs)
-        dq3 = _scatter_pair(dq3, dphi * (w * qfac)[:, None], qi, qj, I, J, BM, NB)
-    dq = tl.reshape(dq3, (BM, D_HEAD))
-    q = tl.load(qbase + rows[:, None] * qrs + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
+    q = tl.load(qrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
+    qd = q.to(DT)
+    # den = fq q^T Z q (Z symmetric): dq = 2 fq dden Z q.
+    zt = tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD + cols[None, :])
+    dq = tl.dot(qd, zt.to(DT), input_precision=PREC) * (2.0 * fq * dden)[:, None]
     for kb in range(n * C, pm * BM + BM, BM):
         kr = kb + tl.arange(0, BM)
         km = kr < T
         kT = tl.load(kbase + kr[None, :] * krs + cols[:, None], mask=km[None, :], other=0.0)
         kn = tl.load(kbase + kr[:, None] * krs + cols[None, :], mask=km[:, None], other=0.0)
         vT = tl.load(vbase + kr[None, :] * krs + cols[:, None], mask=km[None, :], other=0.0)
-        s = tl.dot(q, kT.to(DT), input_precision=PREC) * scale
+        s = tl.dot(qd, kT.to(DT), input_precision=PREC) * scale
         bk = tl.load(Bg + bh64 * Tp + kr)
         keep = (rows[:, None] >= kr[None, :]) & km[None, :]
         dw = tl.dot(dnum_dt, vT.to(DT), input_precision=PREC) + dden[:, None]
         ds = tl.where(keep, 2.0 * dw * s * tl.exp(bq[:, None] - bk[None, :]), 0.0)
         dq += tl.dot(ds.to(DT), kn.to(DT), input_precision=PREC) * scale
-    dqbase = DQ + (b.to(tl.int64) * T * Hq + hq) * D_HEAD
-    tl.store(dqbase + rows[:, None] * qrs + cols[None, :], dq, mask=rm[:, None])
+    tl.store(grow[:, None] + cols[None, :], dq, mask=rm[:, None])
+    # The state read: u_a = dnum @ S_a^T; added into DQ block by block.
+    Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
+    for I in tl.static_range(NB):
+        _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD - 16 * I,
+                    16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, BM, DT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _dkv_bwd(Q, K, V, Bg, dHst, dZst, DY, DEN, DELTA, DK, DV, PAIRS, scale,
+def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
              T, H, Hq, Tp, N,
-             NP: tl.constexpr, D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr,
-             BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+             DT: tl.constexpr, PREC: tl.constexpr):
+    NB: tl.constexpr = D_HEAD // 16
     pm = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -327,35 +435,25 @@ def _dkv_bwd(Q, K, V, Bg, dHst, dZst, DY, DEN, DELTA, DK, DV, PAIRS, scale,
     rows = pm * BM + tl.arange(0, BM)
     rm = rows < T
     cols = tl.arange(0, D_HEAD)
-    f = tl.arange(0, 256)
     bh64 = bh.to(tl.int64)
     qrs = Hq * D_HEAD
     krs = H * D_HEAD
-    kbase = K + (b.to(tl.int64) * T * H + h) * D_HEAD
+    krow = K + (b.to(tl.int64) * T * H + h) * D_HEAD + rows.to(tl.int64) * krs
     vbase = V + (b.to(tl.int64) * T * H + h) * D_HEAD
+    grow = DK + (b.to(tl.int64) * T * H + h) * D_HEAD + rows.to(tl.int64) * krs
     bk = tl.load(Bg + bh64 * Tp + rows)
     blast = tl.load(Bg + bh64 * Tp + n * C + C - 1)
-    kfac = tl.exp(blast - bk)
-    k = tl.load(kbase + rows[:, None] * krs + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
+    gk = tl.exp(blast - bk)
+    k = tl.load(krow[:, None] + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
     v = tl.load(vbase + rows[:, None] * krs + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
-    NB: tl.constexpr = D_HEAD // 16
-    dk3 = tl.zeros([BM, NB, 16], dtype=tl.float32)
+    # Keys wrote Z = sum gk k k^T into the state leaving their chunk: dk = 2 gk dZ k.
+    dzt = tl.load(dZst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD + cols[None, :])
+    dk = tl.dot(k, dzt.to(DT), input_precision=PREC) * (2.0 * gk)[:, None]
     dv = tl.zeros([BM, D_HEAD], dtype=tl.float32)
-    # Keys and values wrote the state that left their chunk.
-    for p in range(NP):
-        I = tl.load(PAIRS + 2 * p)
-        J = tl.load(PAIRS + 2 * p + 1)
-        w = tl.where(I == J, 1.0, SQRT2)
-        ki, kj = _load_pair(kbase, rows, rm, I, J, krs)
-        phi = tl.reshape(ki[:, :, None] * kj[:, None, :], (BM, 256)) * (w * kfac)[:, None]
-        hoff = ((bh64 * N + n) * DINT + p * 256) * D_HEAD
-        dh = tl.load(dHst + hoff + f[:, None] * D_HEAD + cols[None, :])
-        dhT = tl.load(dHst + hoff + f[None, :] * D_HEAD + cols[:, None])
-        dzt = tl.load(dZst + (bh64 * N + n) * DINT + p * 256 + f)
-        dv += tl.dot(phi.to(DT), dh, input_precision=PREC)
-        dphi = tl.dot(v, dhT, input_precision=PREC) + dzt[None, :]
-        dk3 = _scatter_pair(dk3, dphi * (w * kfac)[:, None], ki, kj, I, J, BM, NB)
-    dk = tl.reshape(dk3, (BM, D_HEAD))
+    Sb = dSst + (bh64 * N + n) * DINT * D_HEAD
+    for I in tl.static_range(NB):
+        dv = _read_block(dv, krow, rm, gk, Sb, cols, I, D_HEAD - 16 * I,
+                         16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, DT, PREC)
     # Later queries of the same chunk attended to these keys.
     cend = tl.minimum(n * C + C, T)
     for r in range(RG):
@@ -384,7 +482,10 @@ def _dkv_bwd(Q, K, V, Bg, dHst, dZst, DY, DEN, DELTA, DK, DV, PAIRS, scale,
             dwT = tl.dot(v, dnumT.to(DT), input_precision=PREC) + dden[None, :]
             dsT = tl.where(keep, 2.0 * dwT * sT * E, 0.0)
             dk += tl.dot(dsT.to(DT), qn.to(DT), input_precision=PREC) * scale
-    dkbase = DK + (b.to(tl.int64) * T * H + h) * D_HEAD
     dvbase = DV + (b.to(tl.int64) * T * H + h) * D_HEAD
-    tl.store(dkbase + rows[:, None] * krs + cols[None, :], dk, mask=rm[:, None])
     tl.store(dvbase + rows[:, None] * krs + cols[None, :], dv, mask=rm[:, None])
+    tl.store(grow[:, None] + cols[None, :], dk, mask=rm[:, None])
+    # The state write: u_a = v @ dS_a^T; added into DK block by block.
+    for I in tl.static_range(NB):
+        _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD - 16 * I,
+                    16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, BM, DT, PREC)

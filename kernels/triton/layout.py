@@ -1,10 +1,14 @@
-"""Internal feature layout of the Triton kernels and its map to the canonical layout.
+"""Internal state layout of the Triton kernels and its map to the canonical layout.
 
-Internal: the head dim is cut into 16-wide blocks; each block pair (I <= J) owns a 16x16 tile
-of features x[I*16+a] * x[J*16+b] with weight sqrt(2) off the diagonal pairs and 1 on them
-(full 16x16 tiles, so D_int = (d^2 + 16 d) / 2: 2560 at d=64 against the canonical 2080).
-Tiles keep every matmul dense; the canonical layout (reference.feature_index) is used only
-at the API boundary (initial state in, final state out).
+S (numerator state): row-major by head-dim row a. With I = a // 16 the 16-wide block of a,
+row a holds the features x[a] * x[b] for b in [16 I, d), weight 1 for b in block I (so a
+diagonal block holds both (a, b) and (b, a)) and sqrt(2) for b in a later block. Row a starts
+at off(a) = OFF_I + (a - 16 I) * W_I, W_I = d - 16 I, OFF_I = 16 (I d - 8 I (I - 1)); in all
+D_int = (d^2 + 16 d) / 2 features: 2560 at d=64 against the canonical 2080 (768 at 32, 9216 at
+128). Every kernel matmul over features is then x[:, a] times a [rows, W_I] column range.
+z (denominator state): the d x d Gram matrix Z = sum_t k_t k_t^T (symmetric), since
+phi(q).z = q^T Z q; canonical z[(i, j)] = sqrt(2) Z[i, j] for i < j and Z[i, i] on the diagonal.
+The canonical layout (reference.feature_index) is used only at the API boundary.
 """
 from __future__ import annotations
 
@@ -13,17 +17,32 @@ from functools import lru_cache
 
 import numpy as np
 
-BLOCK = 16  # width of a head-dim block; a block pair owns BLOCK*BLOCK features
+BLOCK = 16  # width of a head-dim block
 
 
-def block_pairs(d: int) -> list[tuple[int, int]]:
-    """(I, J) block pairs with I <= J, in tile order."""
-    nb = d // BLOCK
-    return [(i, j) for i in range(nb) for j in range(i, nb)]
+def row_offsets(d: int) -> list[tuple[int, int]]:
+    """(offset, width) of each row a of the internal state."""
+    out = []
+    for a in range(d):
+        i = a // BLOCK
+        w = d - BLOCK * i
+        out.append((BLOCK * (i * d - 8 * i * (i - 1)) + (a - BLOCK * i) * w, w))
+    return out
 
 
 def internal_dim(d: int) -> int:
-    return len(block_pairs(d)) * BLOCK * BLOCK
+    off, w = row_offsets(d)[-1]
+    return off + w
+
+
+def internal_features(d: int) -> list[tuple[int, int, float]]:
+    """(a, b, weight) of each internal feature, in order."""
+    out = []
+    for a in range(d):
+        i = a // BLOCK
+        for b in range(BLOCK * i, d):
+            out.append((a, b, 1.0 if b < BLOCK * (i + 1) else math.sqrt(2.0)))
+    return out
 
 
 @lru_cache(maxsize=None)
@@ -39,38 +58,49 @@ def canonical_map(d: int) -> tuple[np.ndarray, np.ndarray]:
     tuples, _ = feature_index(d, 2)
     where = {(int(i), int(j)): n for n, (i, j) in enumerate(tuples)}
     idx, coef = [], []
-    for bi, bj in block_pairs(d):
-        for a in range(BLOCK):
-            for b in range(BLOCK):
-                i, j = bi * BLOCK + a, bj * BLOCK + b
-                idx.append(where[(min(i, j), max(i, j))])
-                # Diagonal tiles hold (a,b) and (b,a) for one canonical sqrt(2)-feature.
-                coef.append(1.0 / math.sqrt(2.0) if bi == bj and a != b else 1.0)
+    for a, b, w in internal_features(d):
+        idx.append(where[(min(a, b), max(a, b))])
+        # A diagonal block holds (a,b) and (b,a) for one canonical sqrt(2)-feature.
+        coef.append(1.0 / math.sqrt(2.0) if (w == 1.0 and a != b) else 1.0)
     return np.asarray(idx, dtype=np.int64), np.asarray(coef, dtype=np.float64)
 
 
+@lru_cache(maxsize=None)
+def gram_map(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same pair for z and the Gram matrix Z (flattened d*d, row-major)."""
+    from retention.reference import feature_index
+
+    tuples, _ = feature_index(d, 2)
+    where = {(int(i), int(j)): n for n, (i, j) in enumerate(tuples)}
+    idx = [where[(min(a, b), max(a, b))] for a in range(d) for b in range(d)]
+    coef = [1.0 if a == b else 1.0 / math.sqrt(2.0) for a in range(d) for b in range(d)]
+    return np.asarray(idx, dtype=np.int64), np.asarray(coef, dtype=np.float64)
+
+
+def _maps(d, device):
+    import torch
+
+    idx_np, coef_np = canonical_map(d)
+    gidx_np, gcoef_np = gram_map(d)
+    f32 = torch.float32
+    return (torch.as_tensor(idx_np, device=device), torch.as_tensor(coef_np, device=device, dtype=f32),
+            torch.as_tensor(gidx_np, device=device), torch.as_tensor(gcoef_np, device=device, dtype=f32))
+
+
 def to_internal(S_BHDd, z_BHD):
-    """Canonical (S [B,H,D,d], z [B,H,D]) -> internal float32 (S [B,H,Di,d], z [B,H,Di])."""
-    import torch
-
-    d = S_BHDd.shape[-1]
-    idx_np, coef_np = canonical_map(d)
-    idx = torch.as_tensor(idx_np, device=S_BHDd.device)
-    coef = torch.as_tensor(coef_np, device=S_BHDd.device, dtype=torch.float32)
-    S = S_BHDd.float().index_select(2, idx) * coef[:, None]
-    z = z_BHD.float().index_select(2, idx) * coef
-    return S, z
-
-
-def to_canonical(S_BHDd, z_BHD):
-    """Internal float32 (S [B,H,Di,d], z [B,H,Di]) -> canonical (S [B,H,D,d], z [B,H,D])."""
-    import torch
-
+    """Canonical (S [B,H,D,d], z [B,H,D]) -> internal float32 (S [B,H,Di,d], Z [B,H,d,d])."""
     B, H, _, d = S_BHDd.shape
-    idx_np, coef_np = canonical_map(d)
+    idx, coef, gidx, gcoef = _maps(d, S_BHDd.device)
+    S = S_BHDd.float().index_select(2, idx) * coef[:, None]
+    Z = (z_BHD.float().index_select(2, gidx) * gcoef).reshape(B, H, d, d)
+    return S, Z
+
+
+def to_canonical(S_BHDd, Z_BHdd):
+    """Internal float32 (S [B,H,Di,d], Z [B,H,d,d]) -> canonical (S [B,H,D,d], z [B,H,D])."""
+    B, H, _, d = S_BHDd.shape
+    idx, coef, gidx, gcoef = _maps(d, S_BHDd.device)
     D = math.comb(d + 1, 2)
-    idx = torch.as_tensor(idx_np, device=S_BHDd.device)
-    coef = torch.as_tensor(coef_np, device=S_BHDd.device, dtype=torch.float32)
     S = S_BHDd.new_zeros(B, H, D, d).index_add_(2, idx, S_BHDd * coef[:, None])
-    z = z_BHD.new_zeros(B, H, D).index_add_(2, idx, z_BHD * coef)
+    z = Z_BHdd.new_zeros(B, H, D).index_add_(2, gidx, Z_BHdd.reshape(B, H, d * d) * gcoef)
     return S, z

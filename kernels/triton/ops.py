@@ -17,11 +17,14 @@ import triton
 import triton.language as tl
 
 from . import chunked, decode
-from .layout import block_pairs, to_canonical, to_internal
+from .layout import internal_dim, to_canonical, to_internal
 
 BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
-FEATURE_TILE = 128  # state rows per program in the state kernels (half a block pair)
 MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-chunk work grows
+
+
+def _warps(d: int) -> int:
+    return 8 if d >= 128 else 4
 
 
 def default_chunk(T: int) -> int:
@@ -46,39 +49,6 @@ def _dot_types(dtype: torch.dtype):
     return tl.float32, torch.float32, ("tf32" if dtype == torch.float16 else "ieee")
 
 
-@lru_cache(maxsize=None)
-def _selections_cpu(d: int) -> torch.Tensor:
-    """0/1 tables SELT [2, NB, 256, d]: SELT[0, I][f, c] = (c == 16 I + f // 16) and
-    SELT[1, J][f, c] = (c == 16 J + f % 16), so (SELT[0, I] @ x^T) * (SELT[1, J] @ x^T) is the
-    feature tile of block pair (I, J), feature-major."""
-    nb = d // 16
-    selT = torch.zeros(2, nb, 256, d)
-    f = torch.arange(256)
-    for blk in range(nb):
-        selT[0, blk, f, blk * 16 + f // 16] = 1.0
-        selT[1, blk, f, blk * 16 + f % 16] = 1.0
-    return selT
-
-
-_SEL_CACHE: dict = {}
-
-
-@lru_cache(maxsize=None)
-def _pairs_cpu(d: int) -> torch.Tensor:
-    return torch.tensor(block_pairs(d), dtype=torch.int32).reshape(-1)
-
-
-def _pairs(d: int, device) -> torch.Tensor:
-    return _pairs_cpu(d).to(device)
-
-
-def _selections(d: int, device, dtype) -> torch.Tensor:
-    key = (d, str(device), dtype)
-    if key not in _SEL_CACHE:
-        _SEL_CACHE[key] = _selections_cpu(d).to(device=device, dtype=dtype)
-    return _SEL_CACHE[key]
-
-
 def _chunk_gates(log_g_BTH, chunk: int, n: int) -> torch.Tensor:
     """Log-gates summed from each chunk's start, [B*H, Tp] float32 (padding adds no decay).
     The scan runs over the innermost axis: torch scans over outer axes are slow."""
@@ -89,89 +59,106 @@ def _chunk_gates(log_g_BTH, chunk: int, n: int) -> torch.Tensor:
     return lg.reshape(B * H, n, chunk).cumsum(-1).reshape(B * H, n * chunk)
 
 
-SCAN_BLOCK = 1024
-
-
-def _scan(X, bg, init, chunk, reverse):
-    """Carry across chunks in place (chunked._scan); returns the final carry, float32."""
-    BH, n = X.shape[:2]
-    L = X[0, 0].numel()
-    final = torch.empty(BH, L, device=X.device, dtype=torch.float32)
-    chunked._scan[(BH, triton.cdiv(L, SCAN_BLOCK))](
-        X, bg, init if init is not None else final, final, n, L, bg.shape[1],
-        C=chunk, BL=SCAN_BLOCK, HAS_INIT=init is not None, REVERSE=reverse, num_warps=4)
-    return final
-
-
 def _stages(d, dt_tl):
-    # Shared memory: the per-block kernels hold 256 x d state tiles; double-buffer small ones.
-    return 1 if d >= 128 or dt_tl == tl.float32 else 2
+    # Shared memory: the per-block kernels stream [W, d] state tiles; float32 doubles them.
+    return 2 if d >= 128 or dt_tl == tl.float32 else 3
 
 
-def _states_fwd(k, v, bg, S0i, z0i, chunk, bm, n, dt_tl, dt_torch, prec):
-    """States entering each chunk (Hst [B*H,N,Di,d], Zst [B*H,N,Di]) and the final state."""
-    B, T, H, d = k.shape
-    NP = len(block_pairs(d))
-    Di = NP * 256
-    Hst = torch.empty(B * H, n, Di, d, device=k.device, dtype=dt_torch)
-    Zst = torch.empty(B * H, n, Di, device=k.device, dtype=torch.float32)
+# Which operand of the state scan's matmuls carries the per-token scale (chunked._scaled_dot):
+# "b" rebuilds the values tile in shared memory per row a, "a" scales x^T in registers.
+SCAN_BSIDE = os.environ.get("RETENTION_TRITON_SCAN_OPERAND", "b") == "b"
+
+
+def _row_group(d):
+    """Rows a per state-scan program: 2 accumulators of [d, 64] (measured fastest on an H200
+    against 4, with either operand; RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4)."""
+    env = os.environ.get("RETENTION_TRITON_SCAN_ROWS")
+    return int(env) if env else 2
+
+
+def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale,
+                dt_tl, dt_torch, prec, reverse):
+    """Per-chunk states (or state gradients) Sst [B*H,N,Di,d], Zst [B*H,N,d,d] and the final
+    state (or initial-state gradient) SF [B*H,Di,d], ZF [B*H,d,d] (chunked._state_scan)."""
+    B = X.shape[0]
+    d = X.shape[-1]
+    Di = internal_dim(d)
+    dev = X.device
+    Sst = torch.empty(B * H, n, Di, d, device=dev, dtype=dt_torch)
+    Zst = torch.empty(B * H, n, d, d, device=dev, dtype=torch.float32)
+    SF = torch.empty(B * H, Di, d, device=dev, dtype=torch.float32)
+    ZF = torch.empty(B * H, d, d, device=dev, dtype=torch.float32)
+    ag = _row_group(d)
     bv = min(d, 64)
-    fw = FEATURE_TILE
-    selT = _selections(d, k.device, dt_torch)
-    chunked._chunk_state[(n, NP * (256 // fw), B * H * (d // bv))](
-        k, v, bg, Hst, Zst, selT, T, H, n * chunk, n,
-        D_HEAD=d, DINT=Di, C=chunk, BK=bm, BV=bv, FW=fw, DT=dt_tl, PREC=prec, num_warps=8,
-        num_stages=2)
-    SF = _scan(Hst, bg, S0i, chunk, reverse=False)
-    ZF = _scan(Zst, bg, z0i, chunk, reverse=False)
-    return Hst, Zst, SF, ZF
+    has_init = init_S is not None
+    bk = min(64, chunk)
+    chunked._state_scan[(B * H * (d // bv), d // ag + 1)](
+        X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
+        init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,
+        T, H, Hq, n * chunk, n,
+        D_HEAD=d, DINT=Di, C=chunk, BK=bk, AG=ag, BV=bv, DT=dt_tl, PREC=prec,
+        HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, num_warps=8, num_stages=2)
+    return Sst, Zst, SF, ZF
 
 
 def _internal_state(S, z, B, H):
-    Si, zi = to_internal(S, z)
-    return Si.reshape(B * H, Si.shape[2], Si.shape[3]).contiguous(), zi.reshape(B * H, -1).contiguous()
+    Si, Zi = to_internal(S, z)
+    return (Si.reshape(B * H, Si.shape[2], Si.shape[3]).contiguous(),
+            Zi.reshape(B * H, Zi.shape[2], Zi.shape[3]).contiguous())
 
 
 @torch.library.custom_op("retention::triton_power_retention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tensor,
             S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], scale: float,
-            chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y [B,T,Hq,d], den [B,Hq,T] (saved for backward), final S [B,H,D,d], z [B,H,D]."""
+            chunk: int, keep_states: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor]:
+    """y [B,T,Hq,d], den [B,Hq,T] (saved for backward), final S [B,H,D,d], z [B,H,D], and the
+    per-chunk states Sst [B*H,N,Di,d], Zst [B*H,N,d,d] for the backward (empty when
+    keep_states is False: the backward then recomputes them)."""
     B, T, Hq, d = q.shape
     H = k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bm, n, Tp = _plan(T, chunk)
     dt_tl, dt_torch, prec = _dot_types(q.dtype)
     bg = _chunk_gates(log_g, chunk, n)
-    S0i, z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
-    Hst, Zst, SF, ZF = _states_fwd(k, v, bg, S0i, z0i, chunk, bm, n, dt_tl, dt_torch, prec)
+    S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
+    Sst, Zst, SF, ZF = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
+                                   scale, dt_tl, dt_torch, prec, reverse=False)
     y = torch.empty_like(q)
     den = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    NP = len(block_pairs(d))
     chunked._out_fwd[(Tp // bm, B * Hq)](
-        q, k, v, bg, Hst, Zst, y, den, _pairs(d, q.device), scale, T, H, Hq, Tp, n,
-        NP=NP, D_HEAD=d, DINT=NP * 256, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
-        num_warps=4, num_stages=_stages(d, dt_tl))
-    S, z = to_canonical(SF.view(B, H, -1, d), ZF.view(B, H, -1))
-    return y, den, S, z
+        q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n,
+        D_HEAD=d, DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    S, z = to_canonical(SF.view(B, H, -1, d), ZF.view(B, H, d, d))
+    if not keep_states:
+        Sst, Zst = Sst.new_empty(0), Zst.new_empty(0)
+    return y, den, S, z, Sst, Zst
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, log_g, S0, z0, scale, chunk):
+def _fwd_fake(q, k, v, log_g, S0, z0, scale, chunk, keep_states=True):
     B, T, Hq, d = q.shape
     H = k.shape[2]
     D = math.comb(d + 1, 2)
     f32 = torch.float32
+    n = triton.cdiv(T, chunk)
+    if keep_states:
+        Sst = q.new_empty(B * H, n, internal_dim(d), d, dtype=_dot_types(q.dtype)[1])
+        Zst = q.new_empty(B * H, n, d, d, dtype=f32)
+    else:
+        Sst, Zst = q.new_empty(0, dtype=_dot_types(q.dtype)[1]), q.new_empty(0, dtype=f32)
     return (torch.empty_like(q), q.new_empty(B, Hq, T, dtype=f32),
-            q.new_empty(B, H, D, d, dtype=f32), q.new_empty(B, H, D, dtype=f32))
+            q.new_empty(B, H, D, d, dtype=f32), q.new_empty(B, H, D, dtype=f32), Sst, Zst)
 
 
 @torch.library.custom_op("retention::triton_power_retention_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Tensor],
             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tensor,
             S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], y: torch.Tensor,
-            den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, scale: float, chunk: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+            den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, Sst: torch.Tensor,
+            Zst: torch.Tensor, scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
     """dq, dk, dv, dlog_g, dS0, dz0 (the last two empty when there was no initial state)."""
     B, T, Hq, d = q.shape
@@ -179,41 +166,32 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     q, k, v, dy = q.contiguous(), k.contiguous(), v.contiguous(), dy.contiguous()
     bm, n, Tp = _plan(T, chunk)
     dt_tl, dt_torch, prec = _dot_types(q.dtype)
-    NP = len(block_pairs(d))
-    Di = NP * 256
-    selT = _selections(d, q.device, dt_torch)
-    pairs = _pairs(d, q.device)
-    fw = FEATURE_TILE
+    Di = internal_dim(d)
     bg = _chunk_gates(log_g, chunk, n)
-    S0i, z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
-    # Recompute the per-chunk states rather than keeping them: they are Di*d per chunk and head.
-    Hst, Zst, _, _ = _states_fwd(k, v, bg, S0i, z0i, chunk, bm, n, dt_tl, dt_torch, prec)
+    S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
+    if Sst.numel() == 0:   # the forward did not keep them (RETENTION_TRITON_RECOMPUTE=1)
+        Sst, Zst, _, _ = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
+                                     scale, dt_tl, dt_torch, prec, reverse=False)
     delta = (dy.float() * y.float()).sum(-1).permute(0, 2, 1).contiguous()   # [B,Hq,T]
     has_dS = dS is not None or dz is not None
     if has_dS:
         dS = torch.zeros_like(S) if dS is None else dS
         dz = torch.zeros_like(z) if dz is None else dz
-        dSi, dzi = _internal_state(dS.float(), dz.float(), B, H)
-    dHst = torch.empty_like(Hst)
-    dZst = torch.empty_like(Zst)
-    bv = min(d, 64)
-    chunked._chunk_dstate[(n, NP * (256 // fw), B * H * (d // bv))](
-        q, bg, dy, den, delta, dHst, dZst, selT, scale, T, H, Hq, Tp, n,
-        D_HEAD=d, DINT=Di, C=chunk, BK=bm, BV=bv, FW=fw, DT=dt_tl, PREC=prec, num_warps=8,
-        num_stages=2)
-    dS0i = _scan(dHst, bg, dSi if has_dS else None, chunk, reverse=True)
-    dz0i = _scan(dZst, bg, dzi if has_dS else None, chunk, reverse=True)
+        dSi, dZi = _internal_state(dS.float(), dz.float(), B, H)
+    dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi if has_dS else None,
+                                         dZi if has_dS else None, chunk, n, T, H, Hq, scale,
+                                         dt_tl, dt_torch, prec, reverse=True)
     dq = torch.empty(B, T, Hq, d, device=q.device, dtype=torch.float32)
     dk = torch.empty(B, T, H, d, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
     chunked._dq_bwd[(Tp // bm, B * Hq)](
-        q, k, v, bg, Hst, Zst, dy, den, delta, dq, pairs, scale, T, H, Hq, Tp, n,
-        NP=NP, D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
-        num_warps=4, num_stages=_stages(d, dt_tl))
+        q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
+        D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     chunked._dkv_bwd[(Tp // bm, B * H)](
-        q, k, v, bg, dHst, dZst, dy, den, delta, dk, dv, pairs, scale, T, H, Hq, Tp, n,
-        NP=NP, D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
-        num_warps=4, num_stages=_stages(d, dt_tl))
+        q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
+        D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
     # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2.
     qdq = (q.float() * dq).sum(-1).view(B, T, H, Hq // H).sum(-1)
@@ -222,14 +200,14 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
         dG[:, -1] += (dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)
     dlog_g = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
     if S0 is not None:
-        dS0, dz0 = to_canonical(dS0i.view(B, H, Di, d), dz0i.view(B, H, Di))
+        dS0, dz0 = to_canonical(dS0i.view(B, H, Di, d), dZ0i.view(B, H, d, d))
     else:
         dS0, dz0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog_g, dS0, dz0
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, scale, chunk):
+def _bwd_fake(dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, Sst, Zst, scale, chunk):
     f32 = torch.float32
     dS0 = torch.empty_like(S0, dtype=f32) if S0 is not None else q.new_empty(0, dtype=f32)
     dz0 = torch.empty_like(z0, dtype=f32) if z0 is not None else q.new_empty(0, dtype=f32)
@@ -238,22 +216,22 @@ def _bwd_fake(dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, scale, chunk):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_g, S0, z0, scale, chunk = inputs
-    y, den, S, z = output
-    ctx.save_for_backward(q, k, v, log_g, S0, z0, y, den, S, z)
+    q, k, v, log_g, S0, z0, scale, chunk, _ = inputs
+    y, den, S, z, Sst, Zst = output
+    ctx.save_for_backward(q, k, v, log_g, S0, z0, y, den, S, z, Sst, Zst)
     ctx.scale, ctx.chunk = scale, chunk
     ctx.has_S0 = S0 is not None
 
 
-def _backward(ctx, dy, dden, dS, dz):
-    q, k, v, log_g, S0, z0, y, den, S, z = ctx.saved_tensors
+def _backward(ctx, dy, dden, dS, dz, dSst, dZst):
+    q, k, v, log_g, S0, z0, y, den, S, z, Sst, Zst = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(y)
     dq, dk, dv, dlog_g, dS0, dz0 = torch.ops.retention.triton_power_retention_bwd(
-        dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, ctx.scale, ctx.chunk)
+        dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, Sst, Zst, ctx.scale, ctx.chunk)
     if not ctx.has_S0:
         dS0 = dz0 = None
-    return dq, dk, dv, dlog_g, dS0, dz0, None, None
+    return dq, dk, dv, dlog_g, dS0, dz0, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -306,8 +284,11 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
                              f"{tuple(z0.shape)})")
         S0, z0 = S0.float(), z0.float()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    y, _, S, z = torch.ops.retention.triton_power_retention_fwd(
-        q_BTQd, k_BTHd, v_BTHd, log_g_BTH.float(), S0, z0, scale, chunk)
+    # The backward reuses the forward's per-chunk states (Di*d per chunk and head: 2560 x 64
+    # in bf16 per 256 tokens at d=64) unless RETENTION_TRITON_RECOMPUTE=1 trades time for memory.
+    keep = os.environ.get("RETENTION_TRITON_RECOMPUTE", "0") != "1"
+    y, _, S, z, _, _ = torch.ops.retention.triton_power_retention_fwd(
+        q_BTQd, k_BTHd, v_BTHd, log_g_BTH.float(), S0, z0, scale, chunk, keep)
     return (y, (S, z)) if return_state else y
 
 
