@@ -177,6 +177,7 @@ class TrainConfig:
     progress: bool = True                      # console progress bar
     activation_checkpointing: bool = False     # torch: recompute each layer in the backward
     compile: bool = False                      # torch: torch.compile each decoder layer
+    fused_adamw: "bool | None" = None          # torch: fused AdamW kernel; None = on CUDA only
 
     def __post_init__(self):
         if isinstance(self.betas, list):
@@ -212,6 +213,9 @@ class TrainConfig:
         if self.clip_norm is not None and self.clip_norm < 0:
             raise ValueError(f"TrainConfig.clip_norm must be >= 0 (0 disables), "
                              f"got {self.clip_norm}")
+        if self.fused_adamw is not None and not isinstance(self.fused_adamw, bool):
+            raise ValueError(f"TrainConfig.fused_adamw must be true, false or null (auto: on "
+                             f"CUDA only), got {self.fused_adamw!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, "
                              f"got {self.precision!r}")

@@ -19,6 +19,8 @@ from retention.config import ModelConfig, TrainConfig
 from retention.distributed import QuietLogger, RankShard, init_ranks
 from retention.train import train
 
+from conftest import _run_ranks  # noqa: E402
+
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
                    mlp_hidden=64, chunk_size=8)
 STEPS, EVERY = 6, 3
@@ -53,25 +55,7 @@ def launch(tmp_path, out, batch_size, *extra, world=2):
            "--clip-norm", "1.0", "--eval-every", str(EVERY), "--eval-batches", "1",
            "--save-every", str(EVERY), "--keep-last", "0", "--log-interval", "100",
            "--out", str(out), "--no-progress", "--no-tensorboard", *extra]
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "RETENTION_DIST_INIT": f"file://{rendezvous}", "GLOO_SOCKET_IFNAME": "lo"}
-        env.pop("MASTER_ADDR", None)
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=150))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, (stdout, stderr) in zip(procs, outs):
-        assert p.returncode == 0, stderr[-3000:]
-    return outs
+    return _run_ranks(cmd, rendezvous, world)
 
 
 def assert_close(a, b, tol=1e-5):

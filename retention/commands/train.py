@@ -5,6 +5,7 @@ the backend is imported only when training starts.
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import time
@@ -65,6 +66,9 @@ def add_commands(sub) -> None:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="torch: recompute each layer's activations in the backward pass")
     p.add_argument("--compile", action="store_true", help="torch: torch.compile each layer")
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch: AdamW as torch's fused kernel (default: on CUDA only; the "
+                   "same math as the explicit loop)")
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("export", help="write a sharded (torchrun/FSDP) checkpoint in the "
@@ -125,6 +129,8 @@ def config_from_args(args):
         data["activation_checkpointing"] = True
     if args.compile:
         data["compile"] = True
+    if getattr(args, "fused_adamw", None) is not None:
+        data["fused_adamw"] = args.fused_adamw
     if args.tokens is not None and args.steps is None:
         data["steps"] = None
     if args.steps is not None and args.tokens is None:

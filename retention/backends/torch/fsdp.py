@@ -4,12 +4,13 @@ then the root), our AdamW on the local shards, and torch.distributed.checkpoint 
 checkpoints that reshard on load (so a run resumes on another number of ranks).
 
 FSDP2 turns each parameter into a DTensor sharded on dim 0. AdamW is elementwise, so it runs
-on the local shards (`to_local()`); only the global gradient norm needs an all-reduce (of the
-squared local norms). FSDP averages gradients over the ranks in its reduce-scatter, so with
-each rank's loss a mean over its rows the gradient is the single-process one of the global
-batch. Precision: bfloat16 parameters for compute with float32 reduction (MixedPrecisionPolicy)
-when precision is bfloat16 (the default on CUDA); the sharded master weights, gradients and
-moments stay float32.
+on the local shards (`to_local()`, which _update_views hands to the explicit or the fused
+step); only the global gradient norm needs an all-reduce (of the squared local norms). FSDP
+averages gradients over the ranks in its reduce-scatter, so with each rank's loss a mean over
+its rows the gradient is the single-process one of the global batch. Precision: bfloat16
+parameters for compute with float32 reduction (MixedPrecisionPolicy) when precision is
+bfloat16 (the default on CUDA); the sharded master weights, gradients and moments stay
+float32.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from retention.distributed import Ranks
 from retention.params import init_std, parameter_shapes
 from retention.backends.torch.checkpoint_io import named_parameters
 from retention.backends.torch.model import RetentionLLM
-from retention.backends.torch.trainer import Trainer, resolve_precision
+from retention.backends.torch.trainer import (Trainer, global_grad_norm_squared,
+                                               resolve_precision)
 
 
 # --- process group ---------------------------------------------------------------------------
@@ -172,11 +174,8 @@ class DistributedTrainer(Trainer):
     def forward_backward(self, micro_batches) -> tuple[float, float]:
         """Mean loss over the micro-batches and ranks, and the global gradient norm."""
         mean = self._accumulate(micro_batches)  # FSDP reduce-scatters into the sharded grads
-        squares = torch.zeros((), device=self.device)
-        for p in self.params.values():
-            g = p.grad.to_local()
-            squares += torch.sum(g * g)
-        stats = torch.stack([mean, squares])
+        squares = global_grad_norm_squared(p.grad.to_local() for p in self.params.values())
+        stats = torch.stack([mean, squares.to(self.device)])
         dist.all_reduce(stats)
         loss, sq = stats.tolist()
         return loss / self.ranks.world, math.sqrt(sq) if sq >= 0 else float("nan")

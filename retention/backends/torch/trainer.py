@@ -1,5 +1,7 @@
-"""The torch training step: loss and gradients with accumulation, global-norm clipping and an
-explicit AdamW whose math is line for line the MLX trainer's (docs/training.md).
+"""The torch training step: loss and gradients with accumulation, global-norm clipping and
+AdamW whose math is line for line the MLX trainer's (docs/training.md): written out, or (the
+CUDA default, TrainConfig.fused_adamw) torch's fused AdamW kernel with the same math, which
+needs no temporaries and one pass over the parameters, gradients and moments.
 
 Precision: float32 on the CPU; on CUDA bfloat16 autocast over float32 master weights (the
 parameters, gradients and moments stay float32).
@@ -38,6 +40,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_fused_adamw(setting: bool | None, device: torch.device) -> bool:
+    """TrainConfig.fused_adamw: None (auto) = the fused kernel on CUDA, the explicit loop
+    elsewhere (the reference the MLX trainer mirrors)."""
+    return device.type == "cuda" if setting is None else bool(setting)
+
+
+def global_grad_norm_squared(grads) -> torch.Tensor:
+    """sum_p |g_p|^2 as a 0-d tensor: one norm per tensor (torch._foreach_norm), so no g*g
+    temporary the size of the largest parameter."""
+    if not grads:
+        return torch.zeros(())
+    return torch.stack(torch._foreach_norm(list(grads))).square().sum()
+
+
 class Trainer:
     """Owns the model, the AdamW moments and the step counter of one run on one device."""
 
@@ -67,8 +83,14 @@ class Trainer:
             return torch.cuda.get_device_name(self.device)
         return f"cpu ({torch.get_num_threads()} threads)"
 
+    @property
+    def fused_adamw(self) -> bool:
+        return resolve_fused_adamw(getattr(self.config, "fused_adamw", None), self.device)
+
     def describe(self) -> str:
-        return f"torch {torch.__version__} on {self.device} ({self.device_name}), {self.precision}"
+        adamw = "fused AdamW" if self.fused_adamw else "AdamW"
+        return (f"torch {torch.__version__} on {self.device} ({self.device_name}), "
+                f"{self.precision}, {adamw}")
 
     # --- the step -------------------------------------------------------------------------
     def _loss(self, inputs, targets):
@@ -99,8 +121,7 @@ class Trainer:
     def forward_backward(self, micro_batches) -> tuple[float, float]:
         """Mean loss over the micro-batches and the global gradient norm (grads left in .grad)."""
         mean = self._accumulate(micro_batches)
-        grads = [p.grad for p in self.params.values()]
-        norm = torch.sqrt(sum(torch.sum(g * g) for g in grads))
+        norm = torch.sqrt(global_grad_norm_squared(p.grad for p in self.params.values()))
         return mean.item(), norm.item()
 
     @torch.no_grad()
@@ -108,25 +129,55 @@ class Trainer:
         """Clip by global norm, then one AdamW step with bias correction; weight decay
         (decoupled) only on the parameters that retention.params.decays names."""
         c = self.config
-        b1, b2 = c.betas
         clip = 1.0
         if c.clip_norm:
             clip = min(1.0, c.clip_norm / (grad_norm + GRAD_NORM_EPS))
         self.optimizer_step += 1
+        views = list(self._update_views())
+        if clip < 1.0:  # in place: the gradients are dropped after the step anyway
+            torch._foreach_mul_([g for _, _, g, _, _ in views], clip)
+        if self.fused_adamw:
+            # The kernel walks flat memory: a strided view (none today) takes the explicit loop.
+            flat = [all(t.is_contiguous() for t in view[1:]) for view in views]
+            self._fused_adamw([v for v, f in zip(views, flat) if f], lr)
+            self._explicit_adamw([v for v, f in zip(views, flat) if not f], lr)
+        else:
+            self._explicit_adamw(views, lr)
+        for p in self.params.values():
+            p.grad = None
+
+    def _explicit_adamw(self, views, lr: float) -> None:
+        c = self.config
+        b1, b2 = c.betas
         t = self.optimizer_step
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
-        for name, p, g, m, v in self._update_views():
-            if clip < 1.0:
-                g = g * clip
+        for name, p, g, m, v in views:
             m.mul_(b1).add_(g, alpha=1.0 - b1)
-            v.mul_(b2).add_(g * g, alpha=1.0 - b2)
+            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
             if c.weight_decay and decays(name):
                 p.mul_(1.0 - lr * c.weight_decay)
-            denom = v.sqrt().div_(bc2_sqrt).add_(c.eps)
-            p.sub_(step_size * (m / denom))
-        for p in self.params.values():
-            p.grad = None
+            denom = v.sqrt().div_(bc2_sqrt).add_(c.eps)  # the one temporary per parameter
+            p.addcdiv_(m, denom, value=-step_size)
+
+    def _fused_adamw(self, views, lr: float) -> None:
+        """torch._fused_adamw_ (the kernel of torch.optim.AdamW(fused=True)) on two groups,
+        decayed and not: p -= lr wd p; m, v as above; p -= lr/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t)
+        + eps). It reads the step count t from a tensor and updates m and v in place, so
+        the moments stay the tensors that checkpoints save."""
+        c = self.config
+        b1, b2 = c.betas
+        decayed = [bool(c.weight_decay) and decays(view[0]) for view in views]
+        for decay in (True, False):
+            group = [view for view, d in zip(views, decayed) if d == decay]
+            if not group:
+                continue
+            _, ps, gs, ms, vs = (list(x) for x in zip(*group))
+            step = torch.full((), float(self.optimizer_step), dtype=torch.float32,
+                              device=ps[0].device)
+            torch._fused_adamw_(ps, gs, ms, vs, [], [step] * len(ps), lr=lr, beta1=b1,
+                                beta2=b2, weight_decay=c.weight_decay if decay else 0.0,
+                                eps=c.eps, amsgrad=False, maximize=False)
 
     def _update_views(self):
         """(name, parameter, gradient, exp_avg, exp_avg_sq) that AdamW updates in place (the
