@@ -73,6 +73,8 @@ def _row_group(d):
     """Rows a per state-scan program: 2 accumulators of [d, 64] (measured fastest on an H200
     against 4, with either operand; RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4)."""
     env = os.environ.get("RETENTION_TRITON_SCAN_ROWS")
+    if env and env not in ("1", "2", "4"):
+        raise ValueError(f"RETENTION_TRITON_SCAN_ROWS must be 1, 2 or 4, got {env!r}")
     return int(env) if env else 2
 
 

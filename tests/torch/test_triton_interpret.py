@@ -18,8 +18,8 @@ pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 
-def _run_child(check: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+def _run_child(check: str, **extra_env) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", **extra_env)
     proc = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"{check} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -29,6 +29,16 @@ def _run_child(check: str) -> None:
 @pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "float16", "decode", "api"])
 def test_triton_kernels_interpreted(check):
     _run_child(check)
+
+
+@pytest.mark.parametrize("env", [
+    {"RETENTION_TRITON_RECOMPUTE": "1"},                     # backward recomputes the states
+    {"RETENTION_TRITON_SCAN_OPERAND": "a", "RETENTION_TRITON_SCAN_ROWS": "4"},
+    {"RETENTION_TRITON_SCAN_ROWS": "1"},
+], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row"])
+def test_triton_kernel_variants_interpreted(env):
+    """The launch variants the GPU benchmark compares compute the same thing."""
+    _run_child("fwd_bwd", **env)
 
 
 # ---- the checks, run in the child process -------------------------------------------------
