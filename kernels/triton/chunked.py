@@ -3,9 +3,11 @@
 Internal layout (layout.py): the state holds, for each head-dim row a (block I = a // 16), the
 features x_a x_b for b in [16 I, d), weight sqrt(2) when b is in a later block; D_int rows of
 d values. The denominator's state is the d x d Gram matrix Z = sum k k^T (phi(q).z = q^T Z q).
-Every state matmul is then a plain dot whose operand is a [rows, W] tile of x scaled by one
-column x_a: no feature tile is ever reshaped, and Triton keeps the scaled tile in the wgmma
-register layout (A operand from registers), with the state rows streamed by the pipeliner.
+Every state matmul is then a plain dot with one operand scaled by one column x_a: no feature
+tile is ever reshaped. In the row-block kernels the scaled [rows, W] tile of x stays in the
+wgmma register layout (A operand from registers) while the pipeliner streams the state rows;
+in the scan the values tile is scaled instead (B operand, rebuilt in shared memory per row a)
+so that x^T feeds the tensor cores straight from shared memory (_scaled_dot).
 
   _state_scan   one program per (group of AG rows a | the Gram matrix, value tile, KV head)
                 walks every chunk: stores the state entering the chunk, decays, adds the chunk.

@@ -93,7 +93,7 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
     ag = _row_group(d)
     bv = min(d, 64)
     has_init = init_S is not None
-    bk = min(64, chunk)
+    bk = next(b for b in (64, 32, 16) if chunk % b == 0)   # token step of the scan
     chunked._state_scan[(B * H * (d // bv), d // ag + 1)](
         X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
         init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,
@@ -242,9 +242,10 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _check_supported(d, *dtypes):
     """Valid inputs the kernels do not cover raise NotImplementedError (the dispatcher then
     falls back to the ops path)."""
-    if d % 16 or not 16 <= d <= 256:
-        raise NotImplementedError(f"the Triton kernels need a head dim that is a multiple of 16 "
-                                  f"in [16, 256], got {d}")
+    if d not in (16, 32, 64, 128):
+        # Tiles span the whole head dim (power-of-two shapes); 256 would not fit on chip.
+        raise NotImplementedError(f"the Triton kernels take head dims 16, 32, 64 and 128, "
+                                  f"got {d}")
     if len(set(dtypes)) != 1 or dtypes[0] not in (torch.float32, torch.float16, torch.bfloat16):
         raise NotImplementedError(f"the Triton kernels take one dtype among float32, float16 "
                                   f"and bfloat16 for q, k, v; got {dtypes}")

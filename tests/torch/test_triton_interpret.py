@@ -26,7 +26,8 @@ def _run_child(check: str, **extra_env) -> None:
     assert f"{check} passed" in proc.stdout
 
 
-@pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "float16", "decode", "api"])
+@pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "chunk_48", "float16", "decode",
+                                   "api"])
 def test_triton_kernels_interpreted(check):
     _run_child(check)
 
@@ -64,7 +65,7 @@ def _case(B, T, Hq, H, d, gates, state, seed=0):
     return q, k, v, log_g, S0
 
 
-def _check_fwd_bwd(gates, state, Hq, H):
+def _check_fwd_bwd(gates, state, Hq, H, chunk=32):
     import numpy as np
     import torch
 
@@ -80,7 +81,7 @@ def _check_fwd_bwd(gates, state, Hq, H):
     qq, kk, vv = next(it), next(it), next(it)
     lg = next(it) if gates else None
     st = (next(it), next(it)) if state else None
-    y, (S, z) = ops.power_retention(qq, kk, vv, lg, chunk_size=32, initial_state=st,
+    y, (S, z) = ops.power_retention(qq, kk, vv, lg, chunk_size=chunk, initial_state=st,
                                     return_state=True)
     # Forward against the float64 NumPy reference (chunked form, with state).
     ref_y, (ref_S, ref_z) = reference.power_retention(
@@ -112,6 +113,11 @@ def check_fwd_bwd():
 
 def check_fwd_bwd_plain():
     _check_fwd_bwd(gates=False, state=False, Hq=2, H=2)
+
+
+def check_chunk_48():
+    """A chunk that is a multiple of 16 but not a power of two (16-token steps, 3 per chunk)."""
+    _check_fwd_bwd(gates=True, state=True, Hq=2, H=1, chunk=48)
 
 
 def check_float16():
