@@ -191,13 +191,14 @@ def tune():
     """Launch settings of the kernels (ops module knobs), fwd+bwd ms at T=4096 and 65536."""
     from retention.kernels.triton import ops
 
-    base = (ops.BLOCK_M, ops._warps, ops._stages, ops._row_group)
+    base = (ops.BLOCK_M, ops._warps, ops._stages, ops._row_group, ops.SPLIT_DKV)
     variants = [("default", {})]
     for bm, w, st in ((64, 4, 2), (64, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 3)):
         variants.append((f"BM={bm} warps={w} stages={st}",
                          dict(BLOCK_M=bm, _warps=lambda d, w=w: w,
                               _stages=lambda d, dt, st=st: st)))
-    variants += [("rows/program 2", dict(_row_group=lambda d: 2))]
+    variants += [("rows/program 4", dict(_row_group=lambda d: 4)),
+                 ("dk and dv in two launches", dict(SPLIT_DKV=True))]
     for name, knobs in variants:
         for key, val in knobs.items():
             setattr(ops, key, val)
@@ -208,7 +209,7 @@ def tune():
                   flush=True)
         except Exception as e:
             print(f"tune {name}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
-        ops.BLOCK_M, ops._warps, ops._stages, ops._row_group = base
+        ops.BLOCK_M, ops._warps, ops._stages, ops._row_group, ops.SPLIT_DKV = base
 
 
 def main():

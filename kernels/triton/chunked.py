@@ -426,8 +426,12 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
 def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr):
+             DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr):
+    """dk and dv of one row block of keys. PART 0 computes both; 1 only dv and 2 only dk
+    (two launches with fewer live registers each; the intra-chunk scores are computed twice)."""
     NB: tl.constexpr = D_HEAD // 16
+    DO_V: tl.constexpr = PART != 2
+    DO_K: tl.constexpr = PART != 1
     pm = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -448,14 +452,18 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
     gk = tl.exp(blast - bk)
     k = tl.load(krow[:, None] + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
     v = tl.load(vbase + rows[:, None] * krs + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
-    # Keys wrote Z = sum gk k k^T into the state leaving their chunk: dk = 2 gk dZ k.
-    dzt = tl.load(dZst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD + cols[None, :])
-    dk = tl.dot(k, dzt.to(DT), input_precision=PREC) * (2.0 * gk)[:, None]
+    dk = tl.zeros([BM, D_HEAD], dtype=tl.float32)
+    if DO_K:
+        # Keys wrote Z = sum gk k k^T into the state leaving their chunk: dk = 2 gk dZ k.
+        dzt = tl.load(dZst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
+                      + cols[None, :])
+        dk = tl.dot(k, dzt.to(DT), input_precision=PREC) * (2.0 * gk)[:, None]
     dv = tl.zeros([BM, D_HEAD], dtype=tl.float32)
     Sb = dSst + (bh64 * N + n) * DINT * D_HEAD
-    for I in tl.static_range(NB):
-        dv = _read_block(dv, krow, rm, gk, Sb, cols, I, D_HEAD - 16 * I,
-                         16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, DT, PREC)
+    if DO_V:
+        for I in tl.static_range(NB):
+            dv = _read_block(dv, krow, rm, gk, Sb, cols, I, D_HEAD - 16 * I,
+                             16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, DT, PREC)
     # Later queries of the same chunk attended to these keys.
     cend = tl.minimum(n * C + C, T)
     for r in range(RG):
@@ -467,27 +475,36 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
             qr = qb + tl.arange(0, BM)
             qm = qr < T
             qT = tl.load(qbase + qr[None, :] * qrs + cols[:, None], mask=qm[None, :], other=0.0)
-            qn = tl.load(qbase + qr[:, None] * qrs + cols[None, :], mask=qm[:, None], other=0.0)
+            if DO_K:
+                qn = tl.load(qbase + qr[:, None] * qrs + cols[None, :], mask=qm[:, None],
+                             other=0.0)
             bq = tl.load(Bg + bh64 * Tp + qr)
             den = tl.load(DEN + rowbase + qr, mask=qm, other=1.0)
             den = tl.where(den > 0, den, 1.0)
-            dden = -tl.load(DELTA + rowbase + qr, mask=qm, other=0.0) / den
-            dnum = tl.load(dybase + qr[:, None] * qrs + cols[None, :], mask=qm[:, None],
-                           other=0.0).to(tl.float32) / den[:, None]
-            dnumT = tl.load(dybase + qr[None, :] * qrs + cols[:, None], mask=qm[None, :],
-                            other=0.0).to(tl.float32) / den[None, :]
+            if DO_K:
+                dden = -tl.load(DELTA + rowbase + qr, mask=qm, other=0.0) / den
+            if DO_V:
+                dnum = tl.load(dybase + qr[:, None] * qrs + cols[None, :], mask=qm[:, None],
+                               other=0.0).to(tl.float32) / den[:, None]
+            if DO_K:
+                dnumT = tl.load(dybase + qr[None, :] * qrs + cols[:, None], mask=qm[None, :],
+                                other=0.0).to(tl.float32) / den[None, :]
             sT = tl.dot(k, qT.to(DT), input_precision=PREC) * scale
             keep = (qr[None, :] >= rows[:, None]) & qm[None, :]
             E = tl.exp(bq[None, :] - bk[:, None])
-            wT = tl.where(keep, sT * sT * E, 0.0)
-            dv += tl.dot(wT.to(DT), dnum.to(DT), input_precision=PREC)
-            dwT = tl.dot(v, dnumT.to(DT), input_precision=PREC) + dden[None, :]
-            dsT = tl.where(keep, 2.0 * dwT * sT * E, 0.0)
-            dk += tl.dot(dsT.to(DT), qn.to(DT), input_precision=PREC) * scale
-    dvbase = DV + (b.to(tl.int64) * T * H + h) * D_HEAD
-    tl.store(dvbase + rows[:, None] * krs + cols[None, :], dv, mask=rm[:, None])
-    tl.store(grow[:, None] + cols[None, :], dk, mask=rm[:, None])
-    # The state write: u_a = v @ dS_a^T; added into DK block by block.
-    for I in tl.static_range(NB):
-        _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD - 16 * I,
-                    16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, BM, DT, PREC)
+            if DO_V:
+                wT = tl.where(keep, sT * sT * E, 0.0)
+                dv += tl.dot(wT.to(DT), dnum.to(DT), input_precision=PREC)
+            if DO_K:
+                dwT = tl.dot(v, dnumT.to(DT), input_precision=PREC) + dden[None, :]
+                dsT = tl.where(keep, 2.0 * dwT * sT * E, 0.0)
+                dk += tl.dot(dsT.to(DT), qn.to(DT), input_precision=PREC) * scale
+    if DO_V:
+        dvbase = DV + (b.to(tl.int64) * T * H + h) * D_HEAD
+        tl.store(dvbase + rows[:, None] * krs + cols[None, :], dv, mask=rm[:, None])
+    if DO_K:
+        tl.store(grow[:, None] + cols[None, :], dk, mask=rm[:, None])
+        # The state write: u_a = v @ dS_a^T; added into DK block by block.
+        for I in tl.static_range(NB):
+            _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD - 16 * I,
+                        16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, BM, DT, PREC)

@@ -28,10 +28,16 @@ def _warps(d: int) -> int:
 
 
 def default_chunk(T: int) -> int:
+    return min(MAX_CHUNK, max(64, triton.next_power_of_2(T)))
+
+
+def kernel_chunk(T: int, chunk_size) -> int:
+    """The chunk the kernels run: RETENTION_TRITON_CHUNK if set (a tuning override that beats
+    chunk_size, e.g. the model config's), else chunk_size, else default_chunk(T)."""
     env = os.environ.get("RETENTION_TRITON_CHUNK")
     if env:
         return int(env)
-    return min(MAX_CHUNK, max(64, triton.next_power_of_2(T)))
+    return int(chunk_size) if chunk_size else default_chunk(T)
 
 
 def _plan(T: int, chunk: int) -> tuple[int, int, int]:
@@ -63,6 +69,10 @@ def _stages(d, dt_tl):
     # Shared memory: the per-block kernels stream [W, d] state tiles; float32 doubles them.
     return 2 if d >= 128 or dt_tl == tl.float32 else 3
 
+
+# dk and dv of the keys in one kernel (default, measured) or two with fewer live registers each
+# (RETENTION_TRITON_SPLIT_DKV=1, a candidate for benchmarks/kernels.py --tune).
+SPLIT_DKV = os.environ.get("RETENTION_TRITON_SPLIT_DKV", "0") == "1"
 
 # Which operand of the state scan's matmuls carries the per-token scale (chunked._scaled_dot):
 # "b" rebuilds the values tile in shared memory per row a, "a" scales x^T in registers.
@@ -190,10 +200,11 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
         q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
         D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
         num_warps=_warps(d), num_stages=_stages(d, dt_tl))
-    chunked._dkv_bwd[(Tp // bm, B * H)](
-        q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
-        D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
-        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    for part in ((1, 2) if SPLIT_DKV else (0,)):
+        chunked._dkv_bwd[(Tp // bm, B * H)](
+            q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
+            D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
+            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
     # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2.
     qdq = (q.float() * dq).sum(-1).view(B, T, H, Hq // H).sum(-1)
@@ -274,7 +285,7 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
         log_g_BTH = q_BTQd.new_zeros(B, T, H, dtype=torch.float32)
     elif tuple(log_g_BTH.shape) != (B, T, H):
         raise ValueError(f"log_g must have shape [B,T,H] = {(B, T, H)}, got {tuple(log_g_BTH.shape)}")
-    chunk = int(chunk_size) if chunk_size else default_chunk(T)
+    chunk = kernel_chunk(T, chunk_size)
     if chunk % 16 or chunk < 16:
         raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk}")
     S0 = z0 = None

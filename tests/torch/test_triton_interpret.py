@@ -36,7 +36,8 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_RECOMPUTE": "1"},                     # backward recomputes the states
     {"RETENTION_TRITON_SCAN_OPERAND": "a", "RETENTION_TRITON_SCAN_ROWS": "4"},
     {"RETENTION_TRITON_SCAN_ROWS": "1"},
-], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row"])
+    {"RETENTION_TRITON_SPLIT_DKV": "1"},                     # dv and dk in two launches
+], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "split-dkv"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
