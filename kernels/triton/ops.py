@@ -88,6 +88,13 @@ def _row_group(d):
     return int(env) if env else 2
 
 
+def _scan_step(chunk):
+    """Tokens per step of the state scan (a divisor of the chunk) and pipeline stages: 64 and
+    2 keep a program at 96-118 registers (two per SM at d=64; benchmarks/kernels.py --tune
+    times the alternatives)."""
+    return next(b for b in (64, 32, 16) if chunk % b == 0), 2
+
+
 def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale,
                 dt_tl, dt_torch, prec, reverse):
     """Per-chunk states (or state gradients) Sst [B*H,N,Di,d], Zst [B*H,N,d,d] and the final
@@ -103,13 +110,13 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
     ag = _row_group(d)
     bv = min(d, 64)
     has_init = init_S is not None
-    bk = next(b for b in (64, 32, 16) if chunk % b == 0)   # token step of the scan
+    bk, stages = _scan_step(chunk)
     chunked._state_scan[(B * H * (d // bv), d // ag + 1)](
         X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
         init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,
         T, H, Hq, n * chunk, n,
         D_HEAD=d, DINT=Di, C=chunk, BK=bk, AG=ag, BV=bv, DT=dt_tl, PREC=prec,
-        HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, num_warps=8, num_stages=2)
+        HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, num_warps=8, num_stages=stages)
     return Sst, Zst, SF, ZF
 
 
