@@ -212,10 +212,13 @@ def _block_cols(xrow, rm, c):
 
 
 @triton.jit
-def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, W: tl.constexpr,
-                OFF: tl.constexpr, D_HEAD: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr):
     """acc += phi(x)[:, block I's features] @ S rows, as sum_a dot(fac x_a * w x_J, S_a).
-    W = d - 16 I is cut into up to three power-of-two column parts (dot shapes)."""
+    Row a holds W = d - 16 I features from OFF (layout.row_offsets); W is cut into up to
+    three power-of-two column parts (dot shapes)."""
+    W: tl.constexpr = D_HEAD - 16 * I
+    OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
     P1: tl.constexpr = W & (0 - W)
     R1: tl.constexpr = W - P1
     P2: tl.constexpr = R1 & (0 - R1)
@@ -254,11 +257,12 @@ def _rmw(ptr, rm, c, add):
 
 
 @triton.jit
-def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, W: tl.constexpr,
-                OFF: tl.constexpr, D_HEAD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
-                PREC: tl.constexpr):
+def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
+                BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """grad[rows] += d/dx of sum_{a in block I, b} fac w_ab x_a x_b U[a,b], U_a = A @ S_a^T.
     x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile."""
+    W: tl.constexpr = D_HEAD - 16 * I
+    OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
     P1: tl.constexpr = W & (0 - W)
     R1: tl.constexpr = W - P1
     P2: tl.constexpr = R1 & (0 - R1)
@@ -312,12 +316,10 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, W: tl.constex
 
 
 # --- forward output -------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
-             T, H, Hq, Tp, N,
-             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr):
-    NB: tl.constexpr = D_HEAD // 16
+@triton.jit
+def _query_block(Q, K, V, T, H, Hq, D_HEAD: tl.constexpr, C: tl.constexpr, BM: tl.constexpr):
+    """What a (row block, query head) program reads: its rows and chunk, its KV head, row
+    pointers into q and base pointers of that head's k and v."""
     pm = tl.program_id(0)
     pbh = tl.program_id(1)
     b = pbh // Hq
@@ -333,6 +335,17 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
     qrow = Q + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
     kbase = K + (b.to(tl.int64) * T * H + h) * D_HEAD
     vbase = V + (b.to(tl.int64) * T * H + h) * D_HEAD
+    return pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase
+
+
+@triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
+def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
+             T, H, Hq, Tp, N,
+             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+             DT: tl.constexpr, PREC: tl.constexpr):
+    NB: tl.constexpr = D_HEAD // 16
+    pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
+        _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
     bq = tl.load(Bg + bh64 * Tp + rows)
     fq = scale * scale * tl.exp(bq)
     q = tl.load(qrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
@@ -343,8 +356,7 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
     acc = tl.zeros([BM, D_HEAD], dtype=tl.float32)
     Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
     for I in tl.static_range(NB):
-        acc = _read_block(acc, qrow, rm, fq, Sb, cols, I, D_HEAD - 16 * I,
-                          16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, DT, PREC)
+        acc = _read_block(acc, qrow, rm, fq, Sb, cols, I, D_HEAD, DT, PREC)
     # Masked attention over this chunk's keys up to the diagonal.
     qd = q.to(DT)
     for kb in range(n * C, pm * BM + BM, BM):
@@ -372,21 +384,8 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
             DT: tl.constexpr, PREC: tl.constexpr):
     NB: tl.constexpr = D_HEAD // 16
-    pm = tl.program_id(0)
-    pbh = tl.program_id(1)
-    b = pbh // Hq
-    hq = pbh % Hq
-    h = hq // (Hq // H)
-    n = (pm * BM) // C
-    rows = pm * BM + tl.arange(0, BM)
-    rm = rows < T
-    cols = tl.arange(0, D_HEAD)
-    bh64 = (b * H + h).to(tl.int64)
-    qrs = Hq * D_HEAD
-    krs = H * D_HEAD
-    qrow = Q + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
-    kbase = K + (b.to(tl.int64) * T * H + h) * D_HEAD
-    vbase = V + (b.to(tl.int64) * T * H + h) * D_HEAD
+    pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
+        _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
     dybase = DY + (b.to(tl.int64) * T * Hq + hq) * D_HEAD
     grow = DQ + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
     bq = tl.load(Bg + bh64 * Tp + rows)
@@ -418,8 +417,7 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
     # The state read: u_a = dnum @ S_a^T; added into DQ block by block.
     Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
     for I in tl.static_range(NB):
-        _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD - 16 * I,
-                    16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, BM, DT, PREC)
+        _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD, BM, DT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
@@ -462,8 +460,7 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
     Sb = dSst + (bh64 * N + n) * DINT * D_HEAD
     if DO_V:
         for I in tl.static_range(NB):
-            dv = _read_block(dv, krow, rm, gk, Sb, cols, I, D_HEAD - 16 * I,
-                             16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, DT, PREC)
+            dv = _read_block(dv, krow, rm, gk, Sb, cols, I, D_HEAD, DT, PREC)
     # Later queries of the same chunk attended to these keys.
     cend = tl.minimum(n * C + C, T)
     for r in range(RG):
@@ -506,5 +503,4 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
         tl.store(grow[:, None] + cols[None, :], dk, mask=rm[:, None])
         # The state write: u_a = v @ dS_a^T; added into DK block by block.
         for I in tl.static_range(NB):
-            _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD - 16 * I,
-                        16 * (I * D_HEAD - 8 * I * (I - 1)), D_HEAD, BM, DT, PREC)
+            _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD, BM, DT, PREC)
