@@ -52,7 +52,7 @@ def assert_close(a, b, tol=1e-5):
     assert worst <= tol, (worst, a, b)
 
 
-def test_two_mlx_ranks_match_one_process_and_resume_on_one(tmp_path):
+def test_two_mlx_ranks_match_one_process_and_resume_on_one(tmp_path, train_cli_flags):
     single = tmp_path / "single"
     train(config(single, batch_size=4), "mlx")
     TINY.save(tmp_path / "model.json")
@@ -60,12 +60,8 @@ def test_two_mlx_ranks_match_one_process_and_resume_on_one(tmp_path):
     launcher = Path(sys.executable).with_name("mlx.launch")
     cmd = [str(launcher), "-n", "2", "--backend", "ring", "--hosts", "127.0.0.1",
            "--starting-port", str(free_port_pair()), "--", sys.executable, "-m", "retention",
-           "train", "--backend", "mlx", "--model", str(tmp_path / "model.json"), "--data",
-           "synthetic", "--seq-len", "16", "--batch-size", "2", "--grad-accum", "2",
-           "--steps", str(STEPS), "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "2",
-           "--weight-decay", "0.1", "--clip-norm", "1.0", "--eval-every", str(EVERY),
-           "--eval-batches", "1", "--save-every", str(EVERY), "--keep-last", "0",
-           "--log-interval", "100", "--out", str(out), "--no-progress", "--no-tensorboard"]
+           "train", "--backend", "mlx",
+           *train_cli_flags(config(out, batch_size=2), tmp_path / "model.json")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=150,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,9 +6,7 @@ The ranks are started the way torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK
 through a rendezvous file (RETENTION_DIST_INIT) and gloo on the loopback interface, so nothing
 listens beyond 127.0.0.1."""
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +16,6 @@ import pytest
 from retention.config import ModelConfig, TrainConfig
 from retention.distributed import QuietLogger, RankShard, init_ranks
 from retention.train import train
-
-from conftest import _run_ranks  # noqa: E402
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
                    mlp_hidden=64, chunk_size=8)
@@ -44,18 +40,17 @@ def column(out, key):
     return [r[key] for r in records(out) if key in r]
 
 
-def launch(tmp_path, out, batch_size, *extra, world=2):
-    """`python -m retention train` on `world` ranks, as torchrun would start them."""
+@pytest.fixture
+def launch(tmp_path, run_ranks, train_cli_flags):
+    """launch(out, batch_size, *extra): `python -m retention train` on two ranks, as torchrun
+    would start them, with the flags of config(out, batch_size)."""
     TINY.save(tmp_path / "model.json")
-    rendezvous = tmp_path / f"rendezvous-{Path(out).name}"
-    cmd = [sys.executable, "-m", "retention", "train", "--backend", "torch", "--model",
-           str(tmp_path / "model.json"), "--data", "synthetic", "--seq-len", "16",
-           "--batch-size", str(batch_size), "--grad-accum", "2", "--steps", str(STEPS),
-           "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "2", "--weight-decay", "0.1",
-           "--clip-norm", "1.0", "--eval-every", str(EVERY), "--eval-batches", "1",
-           "--save-every", str(EVERY), "--keep-last", "0", "--log-interval", "100",
-           "--out", str(out), "--no-progress", "--no-tensorboard", *extra]
-    return _run_ranks(cmd, rendezvous, world)
+
+    def start(out, batch_size, *extra, world=2):
+        cmd = [sys.executable, "-m", "retention", "train", "--backend", "torch",
+               *train_cli_flags(config(out, batch_size), tmp_path / "model.json"), *extra]
+        return run_ranks(cmd, tmp_path / f"rendezvous-{Path(out).name}", world)
+    return start
 
 
 def assert_close(a, b, tol=1e-5):
@@ -64,11 +59,11 @@ def assert_close(a, b, tol=1e-5):
     assert worst <= tol, (worst, a, b)
 
 
-def test_two_ranks_match_one_process_and_the_sharded_checkpoint_resumes_on_one(tmp_path):
+def test_two_ranks_match_one_process_and_the_sharded_checkpoint_resumes_on_one(tmp_path, launch):
     single = tmp_path / "single"
     train(config(single, batch_size=4), "torch")
     dist_out = tmp_path / "dist"
-    (out0, _), (out1, _) = launch(tmp_path, dist_out, 2)
+    (out0, _), (out1, _) = launch(dist_out, 2)
     # Rank 0 logs; rank 1 prints nothing of the run.
     assert "FSDP2 over 2 ranks (gloo)" in out0 and "done: step 6" in out0
     assert "done:" not in out1 and "backend:" not in out1
@@ -115,14 +110,14 @@ def test_two_ranks_match_one_process_and_the_sharded_checkpoint_resumes_on_one(t
     assert retention.load_model(final, backend="mlx").config == TINY
 
 
-def test_a_canonical_checkpoint_resumes_on_two_ranks(tmp_path):
+def test_a_canonical_checkpoint_resumes_on_two_ranks(tmp_path, launch):
     single = tmp_path / "single"
     train(config(single, batch_size=4), "torch")
     part = tmp_path / "part"
     shutil.copytree(single, part)
     shutil.rmtree(part / "checkpoints" / "step_00000006")
     (part / "checkpoints" / "latest").write_text("step_00000003\n")
-    (out0, _), _ = launch(tmp_path, part, 2, "--resume", "latest")
+    (out0, _), _ = launch(part, 2, "--resume", "latest")
     assert "resumed from" in out0
     assert_close(column(part, "loss"), column(single, "loss"))
     assert (part / "checkpoints" / "step_00000006" / "dcp" / ".metadata").exists()
@@ -166,7 +161,7 @@ def test_launcher_and_backend_must_agree(monkeypatch):
     assert init_ranks("torch").world == 1 and init_ranks("mlx").main
 
 
-def test_sigterm_stops_all_ranks_at_one_step_with_a_checkpoint(tmp_path):
+def test_sigterm_stops_all_ranks_at_one_step_with_a_checkpoint(tmp_path, start_ranks):
     """Ranks that get the signal at different steps agree on where to stop, save together
     and exit with 130."""
     import signal
@@ -177,13 +172,7 @@ def test_sigterm_stops_all_ranks_at_one_step_with_a_checkpoint(tmp_path):
            str(tmp_path / "model.json"), "--data", "synthetic", "--seq-len", "16",
            "--batch-size", "2", "--steps", "100000", "--save-every", "0", "--eval-every", "0",
            "--out", str(out), "--no-progress", "--no-tensorboard"]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank), "GLOO_SOCKET_IFNAME": "lo",
-               "RETENTION_DIST_INIT": f"file://{tmp_path / 'rendezvous'}"}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(cmd, tmp_path / "rendezvous")
     metrics = out / "metrics.jsonl"
     t0 = time.time()
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):

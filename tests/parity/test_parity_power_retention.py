@@ -14,13 +14,7 @@ MLX = retention.get_backend("mlx")
 TORCH = retention.get_backend("torch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def highest_precision():
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
-
+pytestmark = pytest.mark.usefixtures("highest_float32_matmul")
 
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -188,7 +188,8 @@ def test_the_default_is_fused_on_cuda_only_and_the_flag_overrides_it():
     assert "fused" not in trainer(None).describe()  # CPU: the explicit loop
 
 
-def test_two_ranks_with_fused_adamw_match_one_process_with_the_explicit_step(tmp_path, run_ranks):
+def test_two_ranks_with_fused_adamw_match_one_process_with_the_explicit_step(
+        tmp_path, run_ranks, train_cli_flags):
     from retention.train import train
     common = dict(model=TINY, data="synthetic", seq_len=16, grad_accum=2, steps=4, lr=3e-3,
                   min_lr=3e-4, warmup_steps=2, weight_decay=0.1, clip_norm=0.5, eval_every=0,
@@ -197,13 +198,9 @@ def test_two_ranks_with_fused_adamw_match_one_process_with_the_explicit_step(tmp
     train(TrainConfig(batch_size=4, out_dir=str(single), fused_adamw=False, **common), "torch")
     TINY.save(tmp_path / "model.json")
     out = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "retention", "train", "--backend", "torch", "--model",
-           str(tmp_path / "model.json"), "--data", "synthetic", "--seq-len", "16",
-           "--batch-size", "2", "--grad-accum", "2", "--steps", "4", "--lr", "3e-3",
-           "--min-lr", "3e-4", "--warmup-steps", "2", "--weight-decay", "0.1",
-           "--clip-norm", "0.5", "--eval-every", "0", "--save-every", "0",
-           "--log-interval", "100", "--out", str(out), "--no-progress", "--no-tensorboard",
-           "--fused-adamw"]
+    dist = TrainConfig(batch_size=2, out_dir=str(out), **common)
+    cmd = [sys.executable, "-m", "retention", "train", "--backend", "torch",
+           *train_cli_flags(dist, tmp_path / "model.json"), "--fused-adamw"]
     outs = run_ranks(cmd, tmp_path / "rendezvous")
     assert "fused AdamW; FSDP2 over 2 ranks" in outs[0][0]
 
