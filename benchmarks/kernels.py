@@ -190,10 +190,10 @@ def scan_variants():
 def tune():
     """Launch settings of the kernels (ops module knobs), fwd+bwd ms at T=4096 and 65536.
     Row blocks of 64 with 4 warps and 3 stages won against 128-row blocks and 8 warps on
-    2026-11-30 (docs/kernels_gpu_log.md); the candidates here are the ones not yet timed."""
+    2026-11-30 (docs/kernels_gpu_log.md); the candidates here are the ones not yet timed
+    (chunk sizes: --sweep)."""
     from retention.kernels.triton import ops
 
-    base_chunk = ops.default_chunk
     base = (ops.BLOCK_M, ops._warps, ops._stages, ops._row_group, ops.SPLIT_DKV, ops._scan_step)
     variants = [("default", {}),
                 ("rows/program 4", dict(_row_group=lambda d: 4)),
@@ -201,8 +201,7 @@ def tune():
                 ("scan 3 stages", dict(_scan_step=lambda c: (64, 3))),
                 ("scan 128-token steps",
                  dict(_scan_step=lambda c: (128 if c % 128 == 0 else 64, 2))),
-                ("dk and dv in two launches", dict(SPLIT_DKV=True)),
-                ("chunk 512", dict(default_chunk=lambda T: 512 if T >= 512 else 64))]
+                ("dk and dv in two launches", dict(SPLIT_DKV=True))]
     for name, knobs in variants:
         for key, val in knobs.items():
             setattr(ops, key, val)
@@ -215,7 +214,6 @@ def tune():
             print(f"tune {name}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
         (ops.BLOCK_M, ops._warps, ops._stages, ops._row_group, ops.SPLIT_DKV,
          ops._scan_step) = base
-        ops.default_chunk = base_chunk
 
 
 def main():

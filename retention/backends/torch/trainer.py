@@ -85,7 +85,7 @@ class Trainer:
 
     @property
     def fused_adamw(self) -> bool:
-        return resolve_fused_adamw(getattr(self.config, "fused_adamw", None), self.device)
+        return resolve_fused_adamw(self.config.fused_adamw, self.device)
 
     def describe(self) -> str:
         adamw = "fused AdamW" if self.fused_adamw else "AdamW"
