@@ -33,13 +33,13 @@ def bench(fn, grads=()):
                                    return_mode="median")
 
 
-def inputs(T, layout="BTHd", requires_grad=True):
+def inputs(T, layout="BTHd", requires_grad=True, d=D_HEAD):
     import torch
     import torch.nn.functional as F
 
     B = TOKENS // T
     g = torch.Generator(device="cuda").manual_seed(0)
-    shape = (B, T, HEADS, D_HEAD) if layout == "BTHd" else (B, HEADS, T, D_HEAD)
+    shape = (B, T, HEADS, d) if layout == "BTHd" else (B, HEADS, T, d)
     q, k, v = (torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16)
                for _ in range(3))
     lg = F.logsigmoid(3.0 + torch.randn(B, T, HEADS, device="cuda", generator=g))
@@ -64,11 +64,11 @@ def matmul_peak():
     return 2 * 8192 ** 3 / ms / 1e9
 
 
-def ours(T, chunk=None):
+def ours(T, chunk=None, d=D_HEAD):
     import torch
     from retention.kernels.triton import power_retention
 
-    q, k, v, lg = inputs(T)
+    q, k, v, lg = inputs(T, d=d)
     f = lambda q, k, v, lg: power_retention(q, k, v, lg, chunk_size=chunk)
     with torch.no_grad():
         fwd = bench(lambda: f(q, k, v, lg))
@@ -95,7 +95,7 @@ def manifest_child():
 
     # Most informative first: their autotuning makes each new shape slow to start.
     for chunk, T in ((128, 4096), (128, 65536), (1024, 65536), (128, 1024), (1024, 16384),
-                     (128, 16384), (1024, 4096)):
+                     (128, 16384), (1024, 4096), (1024, 1024)):
             try:
                 q, k, v, lg = inputs(T)
                 f = lambda q, k, v, lg: manifest_pr(q, k, v, lg, deg=2, chunk_size=chunk)
@@ -146,11 +146,13 @@ def profile(T):
 
 def kernel_resources():
     """Registers, spills and shared memory of every compiled kernel variant (from ptxas)."""
-    from retention.kernels.triton import chunked
+    from retention.kernels.triton import chunked, rowwise
 
-    for name in ("_state_scan", "_out_fwd", "_dq_bwd", "_dkv_bwd"):
+    for module, name in ((chunked, "_state_scan"), (chunked, "_out_fwd"), (chunked, "_dq_bwd"),
+                         (chunked, "_dkv_bwd"), (rowwise, "_row_delta"),
+                         (rowwise, "_finish_grads")):
         try:
-            for cache in getattr(chunked, name).device_caches.values():
+            for cache in getattr(module, name).device_caches.values():
                 for k in cache[0].values():
                     print(f"{name:14s} regs {getattr(k, 'n_regs', '?')} spills "
                           f"{getattr(k, 'n_spills', '?')} smem {k.metadata.shared} warps "
@@ -188,32 +190,34 @@ def scan_variants():
 
 
 def tune():
-    """Launch settings of the kernels (ops module knobs), fwd+bwd ms at T=4096 and 65536.
-    Row blocks of 64 with 4 warps and 3 stages won against 128-row blocks and 8 warps on
-    2026-11-30 (docs/kernels_gpu_log.md); the candidates here are the ones not yet timed
-    (chunk sizes: --sweep)."""
+    """Launch settings of the kernels (ops module knobs) against the defaults, fwd+bwd ms at
+    d=64 (T=4096 and 65536) and d=128 (T=4096, the 7B preset's head dim). Row blocks of 64
+    with 4 warps and 3 stages won against 128-row blocks and 8 warps on 2026-11-30
+    (docs/kernels_gpu_log.md); chunk sizes: --sweep."""
     from retention.kernels.triton import ops
 
-    base = (ops.BLOCK_M, ops._warps, ops._stages, ops._row_group, ops.SPLIT_DKV, ops._scan_step)
+    names = ("BLOCK_M", "_warps", "_stages", "_row_group", "SPLIT_DKV", "_scan_step")
+    base = {n: getattr(ops, n) for n in names}
+    step64 = lambda stages: (lambda c, d: (64 if c % 64 == 0 else 16, stages))
+    fwd4 = lambda d, reverse=False: 2 if reverse else 4
     variants = [("default", {}),
-                ("rows/program 4", dict(_row_group=lambda d: 4)),
-                ("rows/program 1", dict(_row_group=lambda d: 1)),
-                ("scan 3 stages", dict(_scan_step=lambda c: (64, 3))),
-                ("scan 128-token steps",
-                 dict(_scan_step=lambda c: (128 if c % 128 == 0 else 64, 2))),
-                ("dk and dv in two launches", dict(SPLIT_DKV=True))]
+                ("scan 64-token steps", dict(_scan_step=step64(2))),
+                ("scan 64-token steps, 3 stages", dict(_scan_step=step64(3))),
+                ("dk and dv in one launch", dict(SPLIT_DKV=False)),
+                ("forward scan 4 rows/program", dict(_row_group=fwd4)),
+                ("forward scan 4 rows/program, 64-token steps",
+                 dict(_row_group=fwd4, _scan_step=step64(2)))]
     for name, knobs in variants:
         for key, val in knobs.items():
             setattr(ops, key, val)
         try:
-            res = [ours(T) for T in (4096, 65536)]
-            print(f"tune {name}: " + ", ".join(f"T={T} fwd {f:.2f} fwd+bwd {fb:.2f} ms"
-                                               for T, (f, fb) in zip((4096, 65536), res)),
-                  flush=True)
+            res = [(T, d, ours(T, d=d)) for T, d in ((4096, 64), (65536, 64), (4096, 128))]
+            print(f"tune {name}: " + ", ".join(f"T={T} d={d} fwd {f:.2f} fwd+bwd {fb:.2f} ms"
+                                               for T, d, (f, fb) in res), flush=True)
         except Exception as e:
             print(f"tune {name}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
-        (ops.BLOCK_M, ops._warps, ops._stages, ops._row_group, ops.SPLIT_DKV,
-         ops._scan_step) = base
+        for n, val in base.items():
+            setattr(ops, n, val)
 
 
 def main():

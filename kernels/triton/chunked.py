@@ -58,20 +58,24 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
                 T, H, Hq, Tp, N,
                 D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                 AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr):
+                HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
+                STORE_FIN: tl.constexpr):
     """Forward (X = k, Yv = v): Sst[n] = state entering chunk n, FIN = final state.
     REVERSE (X = q, Yv = dy, over the group's query heads): Sst[n] = gradient of the state
     leaving chunk n, FIN = gradient of the initial state. Program axis 0: groups of AG rows a
     (all in one 16-block), the last one the Gram matrix Z (rows a = all of d, unweighted).
     The two kinds of program are separate static paths, so each token loop is pipelined.
+    STORE_FIN: write FIN (a [B*H, Di, d] float32 store: skipped when nobody reads it).
     Grid (B*H*NV, NAG + 1): blocks launch x-fastest, so the cheap Gram programs come last and
     fill the tail of the last wave."""
     if tl.program_id(1) == D_HEAD // AG:
         _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_Z, Zst, FIN_Z, scale, T, H, Hq, Tp, N,
-                   D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, True)
+                   D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
+                   True)
     else:
         _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
-                   D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, False)
+                   D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
+                   False)
 
 
 @triton.jit
@@ -79,7 +83,7 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
                D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
-               IS_Z: tl.constexpr):
+               STORE_FIN: tl.constexpr, IS_Z: tl.constexpr):
     NV: tl.constexpr = D_HEAD // BV
     g = tl.program_id(1)
     bh = tl.program_id(0) // NV
@@ -130,78 +134,124 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
     else:
         xrs = H * D_HEAD
         nrep = 1
-    for i in range(N):
+    # One flat loop over (chunk, query head of the group, token step): the pipeliner then
+    # prefetches across chunk boundaries. The chunk's last log-gate and the columns x_a are
+    # scalar/strided loads it cannot copy asynchronously: they are loaded one step ahead.
+    SPC: tl.constexpr = C // BK
+    per_chunk = nrep * SPC
+    steps = N * per_chunk
+    xbase, ybase, rowbase, t, tm, blast = _scan_step_src(
+        0, X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs, per_chunk, D_HEAD, C, BK, SPC,
+        REVERSE, IS_Z)
+    xa0n, xa1n, xa2n, xa3n = _scan_cols(xbase, t, tm, xrs, a0, AG, IS_Z)
+    for j in range(steps):
+        xa0, xa1, xa2, xa3 = xa0n, xa1n, xa2n, xa3n
+        blast_j = blast
+        if j % per_chunk == 0:
+            # Store what the chunk sees (forward) or what its keys get (reverse), then decay.
+            n = j // per_chunk
+            if REVERSE:
+                n = N - 1 - n
+            ob = Sst + (bh64 * N + n) * LEN * D_HEAD + sptr
+            tl.store(ob, (acc0 * wcol).to(Sst.dtype.element_ty), mask=smask)
+            if not IS_Z:
+                if AG > 1:
+                    tl.store(ob + W * D_HEAD, (acc1 * wcol).to(Sst.dtype.element_ty),
+                             mask=smask)
+                if AG > 2:
+                    tl.store(ob + 2 * W * D_HEAD, (acc2 * wcol).to(Sst.dtype.element_ty),
+                             mask=smask)
+                    tl.store(ob + 3 * W * D_HEAD, (acc3 * wcol).to(Sst.dtype.element_ty),
+                             mask=smask)
+            decay = tl.exp(blast_j)
+            acc0 *= decay
+            acc1 *= decay
+            acc2 *= decay
+            acc3 *= decay
+        xb = xbase
+        yb_base = ybase
+        rb = rowbase
+        tj = t
+        tmj = tm
+        # Next step's sources (clamped at the last step: a harmless reload).
+        xbase, ybase, rowbase, t, tm, blast = _scan_step_src(
+            tl.minimum(j + 1, steps - 1), X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs,
+            per_chunk, D_HEAD, C, BK, SPC, REVERSE, IS_Z)
+        xa0n, xa1n, xa2n, xa3n = _scan_cols(xbase, t, tm, xrs, a0, AG, IS_Z)
+        bt = tl.load(Bg + bh64 * Tp + tj)
         if REVERSE:
-            n = N - 1 - i
+            den = tl.load(DEN + rb + tj, mask=tmj, other=1.0)
+            den = tl.where(den > 0, den, 1.0)
+            fac = scale * scale * tl.exp(bt) / den            # phi(q) / den
+            if IS_Z:
+                fac = -fac * tl.load(DELTA + rb + tj, mask=tmj, other=0.0)  # f dden
         else:
-            n = i
-        # Store what the chunk sees (forward) or what its keys get (reverse), then decay.
-        ob = Sst + (bh64 * N + n) * LEN * D_HEAD + sptr
-        tl.store(ob, (acc0 * wcol).to(Sst.dtype.element_ty), mask=smask)
+            fac = tl.exp(blast_j - bt)                          # phi(k e^{(bl-b)/2})
+        xT = _src_tile(xb, tj, tmj, xrs, rows_b, bmask)
+        yb = tl.load(yb_base + tj[:, None].to(tl.int64) * xrs + vc[None, :],
+                     mask=tmj[:, None], other=0.0).to(tl.float32)
+        if IS_Z:
+            acc0 = _scaled_dot(xT, yb, fac, acc0, BSIDE, DT, PREC)
+        else:
+            acc0 = _scaled_dot(xT, yb, xa0 * fac, acc0, BSIDE, DT, PREC)
+            if AG > 1:
+                acc1 = _scaled_dot(xT, yb, xa1 * fac, acc1, BSIDE, DT, PREC)
+            if AG > 2:
+                acc2 = _scaled_dot(xT, yb, xa2 * fac, acc2, BSIDE, DT, PREC)
+                acc3 = _scaled_dot(xT, yb, xa3 * fac, acc3, BSIDE, DT, PREC)
+    if STORE_FIN:   # skipped when nobody reads it (no state returned / no initial state)
+        fb = FIN + bh64 * LEN * D_HEAD + sptr
+        tl.store(fb, acc0 * wcol, mask=smask)
         if not IS_Z:
             if AG > 1:
-                tl.store(ob + W * D_HEAD, (acc1 * wcol).to(Sst.dtype.element_ty), mask=smask)
+                tl.store(fb + W * D_HEAD, acc1 * wcol, mask=smask)
             if AG > 2:
-                tl.store(ob + 2 * W * D_HEAD, (acc2 * wcol).to(Sst.dtype.element_ty), mask=smask)
-                tl.store(ob + 3 * W * D_HEAD, (acc3 * wcol).to(Sst.dtype.element_ty), mask=smask)
-        blast = tl.load(Bg + bh64 * Tp + n * C + C - 1)
-        decay = tl.exp(blast)
-        acc0 *= decay
-        acc1 *= decay
-        acc2 *= decay
-        acc3 *= decay
-        for rr in range(nrep):
-            if REVERSE:
-                hx = h * RG + rr
-                xbase = X + (b.to(tl.int64) * T * Hq + hx) * D_HEAD
-                ybase = Yv + (b.to(tl.int64) * T * Hq + hx) * D_HEAD
-                rowbase = (b * Hq + hx).to(tl.int64) * T
-            else:
-                xbase = X + (b.to(tl.int64) * T * H + h) * D_HEAD
-                ybase = Yv + (b.to(tl.int64) * T * H + h) * D_HEAD
-                rowbase = bh64 * T
-            if IS_Z:
-                ybase = xbase
-            for s in range(C // BK):
-                t = n * C + s * BK + tl.arange(0, BK)
-                tm = t < T
-                bt = tl.load(Bg + bh64 * Tp + t)
-                if REVERSE:
-                    den = tl.load(DEN + rowbase + t, mask=tm, other=1.0)
-                    den = tl.where(den > 0, den, 1.0)
-                    fac = scale * scale * tl.exp(bt) / den            # phi(q) / den
-                    if IS_Z:
-                        fac = -fac * tl.load(DELTA + rowbase + t, mask=tm, other=0.0)  # f dden
-                else:
-                    fac = tl.exp(blast - bt)                          # phi(k e^{(bl-b)/2})
-                xT = _src_tile(xbase, t, tm, xrs, rows_b, bmask)
-                yb = tl.load(ybase + t[:, None].to(tl.int64) * xrs + vc[None, :],
-                             mask=tm[:, None], other=0.0).to(tl.float32)
-                if IS_Z:
-                    acc0 = _scaled_dot(xT, yb, fac, acc0, BSIDE, DT, PREC)
-                else:
-                    xa = tl.load(xbase + t.to(tl.int64) * xrs + a0, mask=tm,
-                                 other=0.0).to(tl.float32) * fac
-                    acc0 = _scaled_dot(xT, yb, xa, acc0, BSIDE, DT, PREC)
-                    if AG > 1:
-                        xa = tl.load(xbase + t.to(tl.int64) * xrs + a0 + 1, mask=tm,
-                                     other=0.0).to(tl.float32) * fac
-                        acc1 = _scaled_dot(xT, yb, xa, acc1, BSIDE, DT, PREC)
-                    if AG > 2:
-                        xa = tl.load(xbase + t.to(tl.int64) * xrs + a0 + 2, mask=tm,
-                                     other=0.0).to(tl.float32) * fac
-                        acc2 = _scaled_dot(xT, yb, xa, acc2, BSIDE, DT, PREC)
-                        xa = tl.load(xbase + t.to(tl.int64) * xrs + a0 + 3, mask=tm,
-                                     other=0.0).to(tl.float32) * fac
-                        acc3 = _scaled_dot(xT, yb, xa, acc3, BSIDE, DT, PREC)
-    fb = FIN + bh64 * LEN * D_HEAD + sptr
-    tl.store(fb, acc0 * wcol, mask=smask)
+                tl.store(fb + 2 * W * D_HEAD, acc2 * wcol, mask=smask)
+                tl.store(fb + 3 * W * D_HEAD, acc3 * wcol, mask=smask)
+
+
+@triton.jit
+def _scan_step_src(j, X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs, per_chunk,
+                   D_HEAD: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   SPC: tl.constexpr, REVERSE: tl.constexpr, IS_Z: tl.constexpr):
+    """Step j of the flat scan loop: the chunk n, the head's x and y bases, the row base of
+    the per-query-head den/delta, the tokens t (and mask) and the chunk's last log-gate."""
+    n = j // per_chunk
+    rem = j % per_chunk
+    if REVERSE:
+        n = N - 1 - n
+        hx = h * (Hq // H) + rem // SPC
+        xbase = X + (b.to(tl.int64) * T * Hq + hx) * D_HEAD
+        ybase = Yv + (b.to(tl.int64) * T * Hq + hx) * D_HEAD
+        rowbase = (b * Hq + hx).to(tl.int64) * T
+    else:
+        xbase = X + (b.to(tl.int64) * T * H + h) * D_HEAD
+        ybase = Yv + (b.to(tl.int64) * T * H + h) * D_HEAD
+        rowbase = bh64 * T
+    if IS_Z:
+        ybase = xbase
+    t = n * C + (rem % SPC) * BK + tl.arange(0, BK)
+    blast = tl.load(Bg + bh64 * Tp + n * C + C - 1)
+    return xbase, ybase, rowbase, t, t < T, blast
+
+
+@triton.jit
+def _scan_cols(xbase, t, tm, xrs, a0, AG: tl.constexpr, IS_Z: tl.constexpr):
+    """Columns x_a0 .. x_a0+AG-1 of tokens t, float32 (unused ones are zeros)."""
+    z = tl.zeros(t.shape, tl.float32)
+    c0 = z
+    c1 = z
+    c2 = z
+    c3 = z
     if not IS_Z:
+        p = xbase + t.to(tl.int64) * xrs + a0
+        c0 = tl.load(p, mask=tm, other=0.0).to(tl.float32)
         if AG > 1:
-            tl.store(fb + W * D_HEAD, acc1 * wcol, mask=smask)
+            c1 = tl.load(p + 1, mask=tm, other=0.0).to(tl.float32)
         if AG > 2:
-            tl.store(fb + 2 * W * D_HEAD, acc2 * wcol, mask=smask)
-            tl.store(fb + 3 * W * D_HEAD, acc3 * wcol, mask=smask)
+            c2 = tl.load(p + 2, mask=tm, other=0.0).to(tl.float32)
+            c3 = tl.load(p + 3, mask=tm, other=0.0).to(tl.float32)
+    return c0, c1, c2, c3
 
 
 # --- row-block helpers ----------------------------------------------------------------------

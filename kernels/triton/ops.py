@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import chunked, decode
+from . import chunked, decode, rowwise
 from .layout import internal_dim, to_canonical, to_internal
 
 BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
@@ -70,54 +70,60 @@ def _stages(d, dt_tl):
     return 2 if d >= 128 or dt_tl == tl.float32 else 3
 
 
-# dk and dv of the keys in one kernel (default, measured) or two with fewer live registers each
-# (RETENTION_TRITON_SPLIT_DKV=1, a candidate for benchmarks/kernels.py --tune).
-SPLIT_DKV = os.environ.get("RETENTION_TRITON_SPLIT_DKV", "0") == "1"
+# dk and dv of the keys in two launches with fewer live registers each (default: 1.5-2% faster
+# on an H200, 2026-11-30) or one (RETENTION_TRITON_SPLIT_DKV=0; the scores are computed once).
+SPLIT_DKV = os.environ.get("RETENTION_TRITON_SPLIT_DKV", "1") == "1"
 
 # Which operand of the state scan's matmuls carries the per-token scale (chunked._scaled_dot):
 # "b" rebuilds the values tile in shared memory per row a, "a" scales x^T in registers.
 SCAN_BSIDE = os.environ.get("RETENTION_TRITON_SCAN_OPERAND", "b") == "b"
 
 
-def _row_group(d):
+def _row_group(d, reverse=False):
     """Rows a per state-scan program: 2 accumulators of [d, 64] (measured fastest on an H200
-    against 4, with either operand; RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4)."""
+    against 4 and 1; RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4)."""
     env = os.environ.get("RETENTION_TRITON_SCAN_ROWS")
     if env and env not in ("1", "2", "4"):
         raise ValueError(f"RETENTION_TRITON_SCAN_ROWS must be 1, 2 or 4, got {env!r}")
     return int(env) if env else 2
 
 
-def _scan_step(chunk):
-    """Tokens per step of the state scan (a divisor of the chunk) and pipeline stages: 64 and
-    2 keep a program at 96-118 registers (two per SM at d=64; benchmarks/kernels.py --tune
-    times the alternatives)."""
-    return next(b for b in (64, 32, 16) if chunk % b == 0), 2
+def _scan_step(chunk, d):
+    """Tokens per step of the state scan (a divisor of the chunk) and pipeline stages. 128
+    tokens measured 5-7% faster than 64 at d=64 (H200, 2026-11-30); at d=128 a 128-token step
+    needs 165 KB of shared memory (one program per SM), so it stays at 64 there."""
+    top = 128 if d <= 64 else 64
+    return next(b for b in (128, 64, 32, 16) if b <= top and chunk % b == 0), 2
 
 
 def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale,
-                dt_tl, dt_torch, prec, reverse):
+                dt_tl, dt_torch, prec, reverse, store_fin=True):
     """Per-chunk states (or state gradients) Sst [B*H,N,Di,d], Zst [B*H,N,d,d] and the final
-    state (or initial-state gradient) SF [B*H,Di,d], ZF [B*H,d,d] (chunked._state_scan)."""
+    state (or initial-state gradient) SF [B*H,Di,d], ZF [B*H,d,d] (chunked._state_scan);
+    SF and ZF are None when store_fin is False (nobody reads them)."""
     B = X.shape[0]
     d = X.shape[-1]
     Di = internal_dim(d)
     dev = X.device
     Sst = torch.empty(B * H, n, Di, d, device=dev, dtype=dt_torch)
     Zst = torch.empty(B * H, n, d, d, device=dev, dtype=torch.float32)
-    SF = torch.empty(B * H, Di, d, device=dev, dtype=torch.float32)
-    ZF = torch.empty(B * H, d, d, device=dev, dtype=torch.float32)
-    ag = _row_group(d)
+    if store_fin:
+        SF = torch.empty(B * H, Di, d, device=dev, dtype=torch.float32)
+        ZF = torch.empty(B * H, d, d, device=dev, dtype=torch.float32)
+    else:   # unused pointers
+        SF, ZF = Zst, Zst
+    ag = _row_group(d, reverse)
     bv = min(d, 64)
     has_init = init_S is not None
-    bk, stages = _scan_step(chunk)
+    bk, stages = _scan_step(chunk, d)
     chunked._state_scan[(B * H * (d // bv), d // ag + 1)](
         X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
         init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,
         T, H, Hq, n * chunk, n,
         D_HEAD=d, DINT=Di, C=chunk, BK=bk, AG=ag, BV=bv, DT=dt_tl, PREC=prec,
-        HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, num_warps=8, num_stages=stages)
-    return Sst, Zst, SF, ZF
+        HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, STORE_FIN=store_fin,
+        num_warps=8, num_stages=stages)
+    return (Sst, Zst, SF, ZF) if store_fin else (Sst, Zst, None, None)
 
 
 def _internal_state(S, z, B, H):
@@ -129,12 +135,13 @@ def _internal_state(S, z, B, H):
 @torch.library.custom_op("retention::triton_power_retention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tensor,
             S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], scale: float,
-            chunk: int, keep_states: bool = True
+            chunk: int, keep_states: bool = True, want_state: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
     """y [B,T,Hq,d], den [B,Hq,T] (saved for backward), final S [B,H,D,d], z [B,H,D], and the
     per-chunk states Sst [B*H,N,Di,d], Zst [B*H,N,d,d] for the backward (empty when
-    keep_states is False: the backward then recomputes them)."""
+    keep_states is False: the backward then recomputes them). S and z are empty when
+    want_state is False (training without a state output skips their stores)."""
     B, T, Hq, d = q.shape
     H = k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -143,21 +150,25 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     bg = _chunk_gates(log_g, chunk, n)
     S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
     Sst, Zst, SF, ZF = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
-                                   scale, dt_tl, dt_torch, prec, reverse=False)
+                                   scale, dt_tl, dt_torch, prec, reverse=False,
+                                   store_fin=want_state)
     y = torch.empty_like(q)
     den = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     chunked._out_fwd[(Tp // bm, B * Hq)](
         q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n,
         D_HEAD=d, DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec,
         num_warps=_warps(d), num_stages=_stages(d, dt_tl))
-    S, z = to_canonical(SF.view(B, H, -1, d), ZF.view(B, H, d, d))
+    if want_state:
+        S, z = to_canonical(SF.view(B, H, -1, d), ZF.view(B, H, d, d))
+    else:
+        S, z = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     if not keep_states:
         Sst, Zst = Sst.new_empty(0), Zst.new_empty(0)
     return y, den, S, z, Sst, Zst
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, log_g, S0, z0, scale, chunk, keep_states=True):
+def _fwd_fake(q, k, v, log_g, S0, z0, scale, chunk, keep_states=True, want_state=True):
     B, T, Hq, d = q.shape
     H = k.shape[2]
     D = math.comb(d + 1, 2)
@@ -168,8 +179,11 @@ def _fwd_fake(q, k, v, log_g, S0, z0, scale, chunk, keep_states=True):
         Zst = q.new_empty(B * H, n, d, d, dtype=f32)
     else:
         Sst, Zst = q.new_empty(0, dtype=_dot_types(q.dtype)[1]), q.new_empty(0, dtype=f32)
-    return (torch.empty_like(q), q.new_empty(B, Hq, T, dtype=f32),
-            q.new_empty(B, H, D, d, dtype=f32), q.new_empty(B, H, D, dtype=f32), Sst, Zst)
+    if want_state:
+        S, z = q.new_empty(B, H, D, d, dtype=f32), q.new_empty(B, H, D, dtype=f32)
+    else:
+        S, z = q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
+    return torch.empty_like(q), q.new_empty(B, Hq, T, dtype=f32), S, z, Sst, Zst
 
 
 @torch.library.custom_op("retention::triton_power_retention_bwd", mutates_args=())
@@ -190,8 +204,12 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
     if Sst.numel() == 0:   # the forward did not keep them (RETENTION_TRITON_RECOMPUTE=1)
         Sst, Zst, _, _ = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
-                                     scale, dt_tl, dt_torch, prec, reverse=False)
-    delta = (dy.float() * y.float()).sum(-1).permute(0, 2, 1).contiguous()   # [B,Hq,T]
+                                     scale, dt_tl, dt_torch, prec, reverse=False,
+                                     store_fin=False)
+    bt = max(16, 4096 // d)   # rows per row-wise program: a [bt, d] float32 tile of 4096
+    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    rowwise._row_delta[(triton.cdiv(T, bt), B * Hq)](dy, y.contiguous(), delta, T, Hq,
+                                                      D_HEAD=d, BT=bt)
     has_dS = dS is not None or dz is not None
     if has_dS:
         dS = torch.zeros_like(S) if dS is None else dS
@@ -199,7 +217,8 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
         dSi, dZi = _internal_state(dS.float(), dz.float(), B, H)
     dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi if has_dS else None,
                                          dZi if has_dS else None, chunk, n, T, H, Hq, scale,
-                                         dt_tl, dt_torch, prec, reverse=True)
+                                         dt_tl, dt_torch, prec, reverse=True,
+                                         store_fin=S0 is not None)
     dq = torch.empty(B, T, Hq, d, device=q.device, dtype=torch.float32)
     dk = torch.empty(B, T, H, d, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
@@ -213,9 +232,12 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
             num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
-    # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2.
-    qdq = (q.float() * dq).sum(-1).view(B, T, H, Hq // H).sum(-1)
-    dG = (qdq - (k.float() * dk).sum(-1)) / 2
+    # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2;
+    # _finish_grads forms it while casting the float32 gradients to the input dtype.
+    dq_out, dk_out, dv_out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dG = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
+    rowwise._finish_grads[(triton.cdiv(T, bt), B * H)](
+        q, k, dq, dk, dv, dq_out, dk_out, dv_out, dG, T, H, Hq, D_HEAD=d, BT=bt)
     if has_dS:
         dG[:, -1] += (dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)
     dlog_g = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
@@ -223,7 +245,7 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
         dS0, dz0 = to_canonical(dS0i.view(B, H, Di, d), dZ0i.view(B, H, d, d))
     else:
         dS0, dz0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlog_g, dS0, dz0
+    return dq_out, dk_out, dv_out, dlog_g, dS0, dz0
 
 
 @_bwd_op.register_fake
@@ -236,22 +258,25 @@ def _bwd_fake(dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, Sst, Zst, scale,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_g, S0, z0, scale, chunk, _ = inputs
+    q, k, v, log_g, S0, z0, scale, chunk, _, want_state = inputs
     y, den, S, z, Sst, Zst = output
     ctx.save_for_backward(q, k, v, log_g, S0, z0, y, den, S, z, Sst, Zst)
     ctx.scale, ctx.chunk = scale, chunk
     ctx.has_S0 = S0 is not None
+    ctx.want_state = want_state
 
 
 def _backward(ctx, dy, dden, dS, dz, dSst, dZst):
     q, k, v, log_g, S0, z0, y, den, S, z, Sst, Zst = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(y)
+    if not ctx.want_state:   # S and z were empty placeholders
+        dS = dz = None
     dq, dk, dv, dlog_g, dS0, dz0 = torch.ops.retention.triton_power_retention_bwd(
         dy, dS, dz, q, k, v, log_g, S0, z0, y, den, S, z, Sst, Zst, ctx.scale, ctx.chunk)
     if not ctx.has_S0:
         dS0 = dz0 = None
-    return dq, dk, dv, dlog_g, dS0, dz0, None, None, None
+    return dq, dk, dv, dlog_g, dS0, dz0, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -309,7 +334,7 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
     # in bf16 per 256 tokens at d=64) unless RETENTION_TRITON_RECOMPUTE=1 trades time for memory.
     keep = os.environ.get("RETENTION_TRITON_RECOMPUTE", "0") != "1"
     y, _, S, z, _, _ = torch.ops.retention.triton_power_retention_fwd(
-        q_BTQd, k_BTHd, v_BTHd, log_g_BTH.float(), S0, z0, scale, chunk, keep)
+        q_BTQd, k_BTHd, v_BTHd, log_g_BTH.float(), S0, z0, scale, chunk, keep, return_state)
     return (y, (S, z)) if return_state else y
 
 

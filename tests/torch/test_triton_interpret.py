@@ -26,8 +26,8 @@ def _run_child(check: str, **extra_env) -> None:
     assert f"{check} passed" in proc.stdout
 
 
-@pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "chunk_48", "float16", "decode",
-                                   "api"])
+@pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "no_state_out", "chunk_48",
+                                   "float16", "decode", "api"])
 def test_triton_kernels_interpreted(check):
     _run_child(check)
 
@@ -36,8 +36,8 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_RECOMPUTE": "1"},                     # backward recomputes the states
     {"RETENTION_TRITON_SCAN_OPERAND": "a", "RETENTION_TRITON_SCAN_ROWS": "4"},
     {"RETENTION_TRITON_SCAN_ROWS": "1"},
-    {"RETENTION_TRITON_SPLIT_DKV": "1"},                     # dv and dk in two launches
-], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "split-dkv"])
+    {"RETENTION_TRITON_SPLIT_DKV": "0"},                     # dv and dk in one launch
+], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "joint-dkv"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
@@ -66,7 +66,8 @@ def _case(B, T, Hq, H, d, gates, state, seed=0):
     return q, k, v, log_g, S0
 
 
-def _check_fwd_bwd(gates, state, Hq, H, chunk=32):
+def _check_fwd_bwd(gates, state, Hq, H, chunk=32, state_out=True):
+    """state_out False: no final state asked for (the kernels skip its stores), loss on y only."""
     import numpy as np
     import torch
 
@@ -82,13 +83,17 @@ def _check_fwd_bwd(gates, state, Hq, H, chunk=32):
     qq, kk, vv = next(it), next(it), next(it)
     lg = next(it) if gates else None
     st = (next(it), next(it)) if state else None
-    y, (S, z) = ops.power_retention(qq, kk, vv, lg, chunk_size=chunk, initial_state=st,
-                                    return_state=True)
+    if state_out:
+        y, (S, z) = ops.power_retention(qq, kk, vv, lg, chunk_size=chunk, initial_state=st,
+                                        return_state=True)
+    else:
+        y = ops.power_retention(qq, kk, vv, lg, chunk_size=chunk, initial_state=st)
     # Forward against the float64 NumPy reference (chunked form, with state).
     ref_y, (ref_S, ref_z) = reference.power_retention(
         q.numpy(), k.numpy(), v.numpy(), None if log_g is None else log_g.numpy(), form="chunked",
         initial_state=None if S0 is None else tuple(a.numpy() for a in S0), return_state=True)
-    for name, a, b in (("y", y, ref_y), ("S", S, ref_S), ("z", z, ref_z)):
+    outs = (("y", y, ref_y), ("S", S, ref_S), ("z", z, ref_z)) if state_out else (("y", y, ref_y),)
+    for name, a, b in outs:
         err = _rel(a.detach(), torch.from_numpy(np.asarray(b)))
         assert err < 1e-5, (name, err)
     # Backward against autograd through the float64 attention form.
@@ -100,8 +105,12 @@ def _check_fwd_bwd(gates, state, Hq, H, chunk=32):
     gy, (gS, gz) = attention_form(gq, gk, gv, glg, initial_state=gst)
     g = torch.Generator().manual_seed(1)
     wy, wS, wz = (torch.randn(a.shape, generator=g, dtype=torch.float64) for a in (gy, gS, gz))
-    torch.autograd.backward([y, S, z], [wy.float(), wS.float() * 1e-2, wz.float() * 1e-2])
-    torch.autograd.backward([gy, gS, gz], [wy, wS * 1e-2, wz * 1e-2])
+    if state_out:
+        torch.autograd.backward([y, S, z], [wy.float(), wS.float() * 1e-2, wz.float() * 1e-2])
+        torch.autograd.backward([gy, gS, gz], [wy, wS * 1e-2, wz * 1e-2])
+    else:
+        y.backward(wy.float())
+        gy.backward(wy)
     for a, b in zip(leaves, gold_leaves):
         assert a.grad is not None and torch.isfinite(a.grad).all()
         err = _rel(a.grad, b.grad)
@@ -114,6 +123,11 @@ def check_fwd_bwd():
 
 def check_fwd_bwd_plain():
     _check_fwd_bwd(gates=False, state=False, Hq=2, H=2)
+
+
+def check_no_state_out():
+    """Training's call: no final state returned (its stores are skipped), initial state given."""
+    _check_fwd_bwd(gates=True, state=True, Hq=4, H=2, state_out=False)
 
 
 def check_chunk_48():
@@ -192,6 +206,14 @@ def check_api():
     want_grads = torch.autograd.grad(want, leaves)
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+
+    def loss_y(q, k, v, lg):   # no state output: the op's placeholders trace too
+        return (kt.power_retention(q, k, v, lg, chunk_size=16) ** 2).sum()
+
+    got = torch.compile(loss_y, fullgraph=True, backend="aot_eager")(*leaves)
+    assert torch.equal(got, loss_y(*leaves))
+    assert all(torch.equal(a, b) for a, b in zip(
+        torch.autograd.grad(got, leaves), torch.autograd.grad(loss_y(*leaves), leaves)))
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
