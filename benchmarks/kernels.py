@@ -202,11 +202,8 @@ def tune():
     fwd4 = lambda d, reverse=False: 2 if reverse else 4
     variants = [("default", {}),
                 ("scan 64-token steps", dict(_scan_step=step64(2))),
-                ("scan 64-token steps, 3 stages", dict(_scan_step=step64(3))),
                 ("dk and dv in one launch", dict(SPLIT_DKV=False)),
-                ("forward scan 4 rows/program", dict(_row_group=fwd4)),
-                ("forward scan 4 rows/program, 64-token steps",
-                 dict(_row_group=fwd4, _scan_step=step64(2)))]
+                ("forward scan 4 rows/program", dict(_row_group=fwd4))]
     for name, knobs in variants:
         for key, val in knobs.items():
             setattr(ops, key, val)

@@ -33,7 +33,8 @@ def default_chunk(T: int) -> int:
 
 def kernel_chunk(T: int, chunk_size) -> int:
     """The chunk the kernels run: RETENTION_TRITON_CHUNK if set (a tuning override that beats
-    chunk_size, e.g. the model config's), else chunk_size, else default_chunk(T)."""
+    chunk_size too), else chunk_size, else default_chunk(T). The torch dispatcher passes None
+    (the model config's chunk is the ops path's)."""
     env = os.environ.get("RETENTION_TRITON_CHUNK")
     if env:
         return int(env)

@@ -125,3 +125,30 @@ def test_kernel_path_through_the_triton_interpreter():
     out = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and "kernel-ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_kernel_path_chooses_its_own_chunk(monkeypatch):
+    """chunk_size is the ops path's (the model config's); the kernel gets None and picks its
+    own, while a fallback for inputs the kernel rejects keeps the caller's chunk."""
+    kernels = pytest.importorskip("retention.kernels.triton", reason="triton: Linux x86-64 only")
+    _, (q, k, v, g) = inputs()
+    seen = {}
+
+    def kernel(*args, **kwargs):
+        seen.update(kwargs)
+        if kwargs.get("return_state"):
+            raise NotImplementedError("pretend these inputs are not covered")
+        return "from the kernel"
+
+    def ops(*args, **kwargs):
+        seen["ops_chunk"] = kwargs["chunk_size"]
+        return "from ops"
+
+    monkeypatch.setattr(pr, "resolve_impl", lambda impl, x=None: "kernel")
+    monkeypatch.setattr(kernels, "power_retention", kernel)
+    monkeypatch.setattr(pr, "power_retention_ops", ops)
+    assert pr.power_retention(q, k, v, g, chunk_size=32) == "from the kernel"
+    assert seen["chunk_size"] is None
+    with pytest.warns(RuntimeWarning, match="does not cover"):
+        assert pr.power_retention(q, k, v, g, chunk_size=32, return_state=True) == "from ops"
+    assert seen["ops_chunk"] == 32

@@ -9,7 +9,7 @@ from retention.kernels.triton.ops import kernel_chunk  # noqa: E402
 
 def test_chunk_size_then_default(monkeypatch):
     monkeypatch.delenv("RETENTION_TRITON_CHUNK", raising=False)
-    assert kernel_chunk(65536, 128) == 128          # the model config's chunk is honoured
+    assert kernel_chunk(65536, 128) == 128          # an explicit chunk is honoured
     assert kernel_chunk(65536, None) == 256
     assert kernel_chunk(50, None) == 64
 

@@ -404,11 +404,12 @@ def resolve_impl(impl: str, device_or_tensor) -> str:
     return choice
 
 
-def _run_kernel(name: str, key: tuple, ops_fn, *args, **kwargs):
-    """Call the kernel; one that raises NotImplementedError for these inputs falls back."""
+def _run_kernel(name: str, key: tuple, ops_fn, *args, kernel_kwargs=None, **kwargs):
+    """Call the kernel (kernel_kwargs override kwargs for it alone); one that raises
+    NotImplementedError for these inputs falls back to ops_fn(*args, **kwargs)."""
     kernel = importlib.import_module("retention.kernels.triton")  # resolve_impl vetted it
     try:
-        return getattr(kernel, name)(*args, **kwargs)
+        return getattr(kernel, name)(*args, **{**kwargs, **(kernel_kwargs or {})})
     except NotImplementedError as e:
         _warn_once(key, f"{name}: the Triton kernel does not cover these inputs ({e}); "
                         "using the ops path")
@@ -419,12 +420,16 @@ def power_retention(q, k, v, log_g=None, *, degree: int = 2, scale: float | None
                     chunk_size: int | None = None, initial_state=None, return_state: bool = False,
                     impl: str = "auto"):
     """y [B,T,Hq,d] (and the final state if return_state): the kernel on CUDA when available
-    (impl="auto"), the ops path otherwise; impl="kernel" on CPU warns and uses the ops path."""
+    (impl="auto"), the ops path otherwise; impl="kernel" on CPU warns and uses the ops path.
+    chunk_size is the ops path's chunk (the model config's, sized for CPU and MLX memory);
+    the kernels choose their own (256 from T=256: 7% faster than 128 on an H200), which
+    RETENTION_TRITON_CHUNK overrides."""
     kwargs = dict(degree=degree, scale=scale, chunk_size=chunk_size,
                   initial_state=initial_state, return_state=return_state)
     if resolve_impl(impl, q) == "kernel":
         return _run_kernel("power_retention", ("fallback", impl, degree, q.shape[-1]),
-                           power_retention_ops, q, k, v, log_g, **kwargs)
+                           power_retention_ops, q, k, v, log_g,
+                           kernel_kwargs=dict(chunk_size=None), **kwargs)
     return power_retention_ops(q, k, v, log_g, **kwargs)
 
 
