@@ -8,6 +8,7 @@ The gradient check covers the Hopper tl.trans-of-a-dot miscompile of triton 3.4-
 
     python benchmarks/gpu_check.py            # the whole grid; prints a table, exits 1 on failure
     python benchmarks/gpu_check.py --quick    # T=63 and 1024 only
+    python benchmarks/gpu_check.py --only d=128   # the cases whose name contains 'd=128'
 
 Cases run in a child process (CUDA_LAUNCH_BLOCKING=1, so an error names its kernel); a case
 that kills the CUDA context is reported and the grid goes on in a fresh child.
@@ -120,7 +121,14 @@ def check_decode(d=64, Hq=4, H=2, B=2, T=40, seed=3):
     return max(errs) <= 1e-2, [f"max err {max(errs):.1e}"]
 
 
-def grid(quick):
+def grid(quick, only=None):
+    cases = [c for c in all_cases(quick) if only is None or only in c[0]]
+    if not cases:
+        raise SystemExit(f"no case name contains {only!r}")
+    return cases
+
+
+def all_cases(quick):
     Ts = (63, 1024) if quick else (63, 1024, 4096)
     cases = []
     for T in Ts:
@@ -135,10 +143,10 @@ def grid(quick):
     return cases
 
 
-def child(quick, start):
+def child(quick, only, start):
     """Run cases from `start` on; each result line is 'RESULT i ok|FAIL text'."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    for i, (name, a) in enumerate(grid(quick)):
+    for i, (name, a) in enumerate(grid(quick, only)):
         if i < start:
             continue
         print(f"BEGIN {i}", flush=True)
@@ -156,18 +164,20 @@ def child(quick, start):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=None, help="run the cases whose name contains this")
     ap.add_argument("--child-from", type=int, default=None)
     args = ap.parse_args()
     if args.child_from is not None:
-        return child(args.quick, args.child_from)
+        return child(args.quick, args.only, args.child_from)
     print("kernels:", available(), "| torch", torch.__version__, "| ops twin:",
           "backends.torch" if power_retention_ops else "attention form (bf16)", flush=True)
-    cases = grid(args.quick)
+    cases = grid(args.quick, args.only)
     results, start = {}, 0
     print(f"{'case':38s} {'ok':4s} {'s':>5s}  err test/ref per tensor ('!' = over 4*ref+1e-2)")
     while start < len(cases):
         cmd = [sys.executable, os.path.abspath(__file__), "--child-from", str(start)]
         cmd += ["--quick"] if args.quick else []
+        cmd += ["--only", args.only] if args.only else []
         proc = subprocess.Popen(cmd, env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         current = start

@@ -36,8 +36,9 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_RECOMPUTE": "1"},                     # backward recomputes the states
     {"RETENTION_TRITON_SCAN_OPERAND": "a", "RETENTION_TRITON_SCAN_ROWS": "4"},
     {"RETENTION_TRITON_SCAN_ROWS": "1"},
+    {"RETENTION_TRITON_SCAN_ROWS": "4"},                      # the d=128 forward's setting
     {"RETENTION_TRITON_SPLIT_DKV": "0"},                     # dv and dk in one launch
-], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "joint-dkv"])
+], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "joint-dkv"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
