@@ -6,6 +6,7 @@ their torch.library ops load on first use.
     power_retention(q, k, v, log_g=None, *, degree=2, scale=None, chunk_size=None,
                     initial_state=None, return_state=False)
     power_retention_step(q_BQd, k_BHd, v_BHd, log_g_BH, state) -> (y_BQd, (S, z))
+    cross_entropy(logits_NV, targets_N, ignore_index=-100) -> mean loss (fused, one op)
 """
 from __future__ import annotations
 
@@ -40,5 +41,11 @@ def power_retention(*args, **kwargs):
 
 def power_retention_step(*args, **kwargs):
     from .ops import power_retention_step as impl
+
+    return impl(*args, **kwargs)
+
+
+def cross_entropy(*args, **kwargs):
+    from .cross_entropy import cross_entropy as impl
 
     return impl(*args, **kwargs)

@@ -179,17 +179,19 @@ class RetentionLLM(nn.Module):
             params[name].copy_(value)
 
     # --- forward paths --------------------------------------------------------------------
-    def _logits(self, x_BTC):
+    def _logits(self, x_BTC, upcast: bool = True):
         h = self.model.norm(x_BTC)
         weight = self.model.embed_tokens.weight if self.config.tie_embeddings \
             else self.lm_head.weight
-        return F.linear(h, weight).float()
+        logits = F.linear(h, weight)
+        return logits.float() if upcast else logits
 
     def _rope(self, offset, T: int, device):
         c = self.config
         return rope_cos_sin(offset, T, c.head_dim, c.rope_theta, device)
 
-    def _run(self, tokens_BT, state: ModelState | None, return_state: bool):
+    def _run(self, tokens_BT, state: ModelState | None, return_state: bool,
+             upcast: bool = True):
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [B,T] integers, got shape {tuple(tokens_BT.shape)}")
         offset = 0 if state is None else state.offset
@@ -201,10 +203,12 @@ class RetentionLLM(nn.Module):
             x, s = layer(x, cos, sin, init, return_state, impl=self.impl)
             layer_states.append(s)
         new_state = ModelState(layer_states, offset + tokens_BT.shape[1]) if return_state else None
-        return self._logits(x), new_state
+        return self._logits(x, upcast), new_state
 
-    def forward(self, tokens_BT):
-        return self._run(tokens_BT, None, False)[0]
+    def forward(self, tokens_BT, *, upcast: bool = True):
+        """Logits [B,T,vocab], float32; upcast=False leaves them in the compute dtype (bf16
+        under autocast) for a loss that reads them as they are (backends/torch/loss.py)."""
+        return self._run(tokens_BT, None, False, upcast)[0]
 
     def prefill(self, tokens_BT, state: ModelState | None = None):
         """Chunked form over a prompt -> (logits [B,T,V], state after it)."""

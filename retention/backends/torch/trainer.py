@@ -14,15 +14,14 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from retention.config import ModelConfig, TrainConfig
 from retention.params import decays
 from retention.backends.torch.checkpoint_io import load_named_parameters, named_parameters
+from retention.backends.torch.loss import IGNORE_INDEX, cross_entropy, uses_fused_loss
 from retention.backends.torch.model import build_model
 
 GRAD_NORM_EPS = 1e-6  # clip coefficient = clip_norm / (norm + eps), as torch.nn.utils does
-IGNORE_INDEX = -100  # labels outside the loss mask (F.cross_entropy's default)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -71,6 +70,7 @@ class Trainer:
             from retention.backends.torch.fsdp import wrap_layers
             wrap_layers(self.model, config.activation_checkpointing, config.compile)
         self.model.train()
+        self.fused_loss = uses_fused_loss(self.model, self.device)
         self.params = named_parameters(self.model)
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
@@ -98,13 +98,13 @@ class Trainer:
         y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)).to(self.device)
         if self.precision == "bfloat16":
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-                logits = self.model(x)
+                logits = self.model(x, upcast=not self.fused_loss)
         else:
-            logits = self.model(x)
+            logits = self.model(x, upcast=not self.fused_loss)
         if not np.any(np.asarray(targets) != IGNORE_INDEX):
             # Every label masked: a zero loss (as the MLX trainer), not cross_entropy's 0/0 NaN.
             return logits.float().sum() * 0.0
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return cross_entropy(logits, y, self.fused_loss)
 
     def _accumulate(self, micro_batches) -> torch.Tensor:
         """Backward over the micro-batches (grads averaged into .grad); their mean loss."""
