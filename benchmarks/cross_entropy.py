@@ -1,4 +1,4 @@
-"""The training loss on one GPU: the fused Triton cross entropy (kernels/triton/cross_entropy.py)
+"""The training loss on one GPU: the fused Triton cross entropy (kernels/triton/loss.py)
 against torch's F.cross_entropy on float32 logits (what the trainer did before), forward +
 backward milliseconds and the largest differences, for a 65,536-token step over the 50,304-token
 vocabulary of the presets (bf16 logits, 5% of the labels ignored).

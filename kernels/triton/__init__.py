@@ -46,6 +46,6 @@ def power_retention_step(*args, **kwargs):
 
 
 def cross_entropy(*args, **kwargs):
-    from .cross_entropy import cross_entropy as impl
+    from .loss import cross_entropy as impl
 
     return impl(*args, **kwargs)

@@ -1,7 +1,7 @@
 """The training loss on torch: mean next-token cross entropy over the unmasked labels.
 
 On CUDA (the model's impl resolving to the Triton kernels) it is the fused kernel of
-kernels/triton/cross_entropy.py, which reads the logits in their compute dtype; elsewhere
+kernels/triton/loss.py, which reads the logits in their compute dtype; elsewhere
 F.cross_entropy on float32 logits. Both are the same math.
 """
 from __future__ import annotations
