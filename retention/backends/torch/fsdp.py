@@ -35,7 +35,6 @@ from retention.config import ModelConfig, TrainConfig
 from retention.distributed import Ranks
 from retention.params import init_std, parameter_shapes
 from retention.backends.torch.checkpoint_io import named_parameters
-from retention.backends.torch.loss import uses_fused_loss
 from retention.backends.torch.model import RetentionLLM
 from retention.backends.torch.trainer import (Trainer, global_grad_norm_squared,
                                                resolve_precision)
@@ -131,7 +130,6 @@ class DistributedTrainer(Trainer):
         model.to_empty(device=self.device)
         self.model = model
         self.model.train()
-        self.fused_loss = uses_fused_loss(model, self.device)
         self.params = named_parameters(model)  # DTensors, sharded on dim 0
         self._init_weights(model_config, config.seed)
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}

@@ -70,7 +70,6 @@ class Trainer:
             from retention.backends.torch.fsdp import wrap_layers
             wrap_layers(self.model, config.activation_checkpointing, config.compile)
         self.model.train()
-        self.fused_loss = uses_fused_loss(self.model, self.device)
         self.params = named_parameters(self.model)
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
@@ -96,15 +95,17 @@ class Trainer:
     def _loss(self, inputs, targets):
         x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.int64)).to(self.device)
         y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)).to(self.device)
+        # The fused loss (kernels/triton/loss.py) goes with the model's impl, read per call.
+        fused = uses_fused_loss(self.model, self.device)
         if self.precision == "bfloat16":
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-                logits = self.model(x, upcast=not self.fused_loss)
+                logits = self.model(x, upcast=not fused)
         else:
-            logits = self.model(x, upcast=not self.fused_loss)
+            logits = self.model(x, upcast=not fused)
         if not np.any(np.asarray(targets) != IGNORE_INDEX):
             # Every label masked: a zero loss (as the MLX trainer), not cross_entropy's 0/0 NaN.
             return logits.float().sum() * 0.0
-        return cross_entropy(logits, y, self.fused_loss)
+        return cross_entropy(logits, y, fused)
 
     def _accumulate(self, micro_batches) -> torch.Tensor:
         """Backward over the micro-batches (grads averaged into .grad); their mean loss."""
