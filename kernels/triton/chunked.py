@@ -214,8 +214,8 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
 def _scan_step_src(j, X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs, per_chunk,
                    D_HEAD: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                    SPC: tl.constexpr, REVERSE: tl.constexpr, IS_Z: tl.constexpr):
-    """Step j of the flat scan loop: the chunk n, the head's x and y bases, the row base of
-    the per-query-head den/delta, the tokens t (and mask) and the chunk's last log-gate."""
+    """Step j of the flat scan loop: the x and y bases of its head, the row base of the
+    per-query-head den/delta, its tokens t (and mask) and the last log-gate of its chunk."""
     n = j // per_chunk
     rem = j % per_chunk
     if REVERSE:
