@@ -43,8 +43,9 @@ def main():
         logits.grad = None
         results[name] = (loss.detach(), grad, ms, peak)
     (l0, g0, _, _), (l1, g1, _, _) = results.values()
-    print(f"{time.strftime('%Y-%m-%d')} | {torch.cuda.get_device_name()} | torch {torch.__version__}"
-          f" | triton {triton.__version__} | N={args.tokens} V={args.vocab} bf16 logits")
+    print(f"{time.strftime('%Y-%m-%d')} | {torch.cuda.get_device_name()} | "
+          f"torch {torch.__version__} | triton {triton.__version__} | N={args.tokens} "
+          f"V={args.vocab} bf16 logits")
     print("| loss | fwd+bwd ms | extra peak GiB |\n|---|---:|---:|")
     for name, (_, _, ms, peak) in results.items():
         print(f"| {name} | {ms:.2f} | {peak:.1f} |")

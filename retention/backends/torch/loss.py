@@ -9,17 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from retention.backends.torch.power_retention import resolve_impl
+
 IGNORE_INDEX = -100  # labels outside the loss mask (F.cross_entropy's default)
 
 
 def uses_fused_loss(model, device: torch.device) -> bool:
     """The fused kernel runs wherever the model's power retention runs on the kernels."""
-    from retention.backends.torch.power_retention import resolve_impl
-
     return resolve_impl(getattr(model, "impl", "auto"), device) == "kernel"
 
 
-def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, fused: bool) -> torch.Tensor:
+def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                  fused: bool) -> torch.Tensor:
+    """Mean cross entropy over the labels that are not IGNORE_INDEX (float32 scalar)."""
     V = logits_BTV.shape[-1]
     if fused:
         from retention.kernels.triton import cross_entropy as fused_cross_entropy
