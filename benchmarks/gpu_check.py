@@ -58,19 +58,27 @@ def run(fn, q, k, v, log_g, S0, cast, seed):
     y, (S, z) = fn(qq, kk, vv, lg, (s0, z0) if s0 is not None else None)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     gy = torch.randn(y.shape, device="cuda", generator=g)
-    gS = torch.randn(S.shape, device="cuda", generator=g) * 1e-3
-    gz = torch.randn(z.shape, device="cuda", generator=g) * 1e-3
-    loss = (y.double() * gy).sum() + (S.double() * gS).sum() + (z.double() * gz).sum()
+    loss = (y.double() * gy).sum()
+    if S is not None:   # None: the call asked for no final state (training's call)
+        gS = torch.randn(S.shape, device="cuda", generator=g) * 1e-3
+        gz = torch.randn(z.shape, device="cuda", generator=g) * 1e-3
+        loss = loss + (S.double() * gS).sum() + (z.double() * gz).sum()
     grads = torch.autograd.grad(loss, [a for a in ins if a is not None])
     it = iter(grads)
     full = [next(it) if a is not None else None for a in ins]
     return [y, S, z] + full[:3] + full[3:]
 
 
-def kernel_fn(chunk):
+def kernel_fn(chunk, state_out=True):
     def fn(q, k, v, lg, st):
+        if not state_out:   # training's call: one chunk then needs no state at all
+            return power_retention(q, k, v, lg, chunk_size=chunk, initial_state=st), (None, None)
         return power_retention(q, k, v, lg, chunk_size=chunk, initial_state=st, return_state=True)
     return fn
+
+
+def without_state(fn):
+    return lambda *a: (fn(*a)[0], (None, None))
 
 
 def ops_fn(q, k, v, lg, st):
@@ -92,11 +100,13 @@ def err(x, gold):
     return ((x - gold).abs().max() / gold.abs().max().clamp_min(1e-30)).item()
 
 
-def check_case(B, T, Hq, H, d, gates, state, dtype=torch.bfloat16, chunk=None, seed=0):
+def check_case(B, T, Hq, H, d, gates, state, dtype=torch.bfloat16, chunk=None, seed=0,
+               state_out=True):
     q, k, v, log_g, S0 = make_case(B, T, Hq, H, d, gates, state, dtype, seed)
-    gold = run(gold_fn, q, k, v, log_g, S0, lambda a: a.double(), seed)
-    ref = run(ops_fn, q, k, v, log_g, S0, lambda a: a, seed)
-    test = run(kernel_fn(chunk), q, k, v, log_g, S0, lambda a: a, seed)
+    wrap = (lambda f: f) if state_out else without_state
+    gold = run(wrap(gold_fn), q, k, v, log_g, S0, lambda a: a.double(), seed)
+    ref = run(wrap(ops_fn), q, k, v, log_g, S0, lambda a: a, seed)
+    test = run(kernel_fn(chunk, state_out), q, k, v, log_g, S0, lambda a: a, seed)
     rows, ok = [], True
     for name, g_, r_, t_ in zip(NAMES, gold, ref, test):
         et, er = err(t_, g_), err(r_, g_)
@@ -136,6 +146,12 @@ def all_cases(quick):
             B = 2 if T < 100 else 1
             cases.append((f"T={T} d={d} gates GQA state", (B, T, 4, 2, d, True, True)))
             cases.append((f"T={T} d={d} plain", (B, T, 2, 2, d, False, False)))
+    for T in Ts:   # one chunk and no state out (training's call): the stateless form
+        chunk = None if T <= 1024 else T   # the default chunk is T up to ops.QUADRATIC_MAX
+        for d in (32, 64, 128):
+            cases.append((f"T={T} d={d} gates GQA no state out",
+                          (2 if T < 100 else 1, T, 4, 2, d, True, False, torch.bfloat16, chunk,
+                           0, False)))
     cases.append(("T=300 d=64 chunk=64 gates GQA state", (1, 300, 4, 2, 64, True, True, torch.bfloat16, 64)))
     cases.append(("T=1024 d=64 fp16 gates GQA state", (1, 1024, 4, 2, 64, True, True, torch.float16)))
     cases.append(("T=1024 d=64 fp32 gates GQA state", (1, 1024, 4, 2, 64, True, True, torch.float32)))

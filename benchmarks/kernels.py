@@ -8,9 +8,10 @@ also imported as `retention`, so it runs in a child process with its own PYTHONP
     python benchmarks/kernels.py [--manifest-path DIR] [--sweep] [--profile]
 
 DIR holds Manifest's unpacked wheel (pip install --no-deps --target DIR retention==1.0.7);
-without it the Manifest columns are skipped. FLOPs counted for ours: 4*D*d per token and
-head forward (state update + state read, canonical D=2080), 3x that forward+backward; the
-intra-chunk attention is not counted.
+without it the Manifest columns are skipped. FLOPs counted for ours, per token and head
+forward, for the form the kernels run at that T: 4*D*d with states (state update + state read,
+canonical D=2080; the intra-chunk attention not counted), 2*d*(T+1) in one chunk (the causal
+attention form, ops.quadratic_max); 3x that forward+backward.
 """
 from __future__ import annotations
 
@@ -217,6 +218,23 @@ def tune():
             setattr(ops, n, val)
 
 
+def quadratic():
+    """One chunk (chunk = T: no state, the plain attention form; the default up to
+    ops.quadratic_max(d)) against 256-token chunks with states, fwd+bwd ms (same tokens and
+    heads), and the one-chunk form with dk and dv in one launch."""
+    from retention.kernels.triton import ops
+
+    split = ops.SPLIT_DKV
+    for T, d in ((1024, 32), (2048, 32), (1024, 64), (2048, 64), (4096, 64), (8192, 64),
+                 (4096, 128), (8192, 128), (16384, 128)):
+        res = {"chunk 256": ours(T, chunk=256, d=d), "one chunk": ours(T, chunk=T, d=d)}
+        ops.SPLIT_DKV = not split
+        res[f"one chunk, split dkv {not split}"] = ours(T, chunk=T, d=d)
+        ops.SPLIT_DKV = split
+        print(f"quadratic T={T} d={d}: " + ", ".join(f"{k} fwd {f:.2f} fwd+bwd {fb:.2f} ms"
+                                                     for k, (f, fb) in res.items()), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest-path", default=None)
@@ -230,19 +248,26 @@ def main():
     ap.add_argument("--tune", action="store_true",
                     help="also time row-block sizes, warps and pipeline stages of the per-block "
                          "kernels and the rows per state-scan program (T=4096 and 65536)")
+    ap.add_argument("--quadratic", action="store_true",
+                    help="one chunk (no state) against 256-token chunks by T and head dim, and stop")
     args = ap.parse_args()
     if args.child:
         return manifest_child()
     import torch
     import triton
 
+    from retention.kernels.triton.ops import default_chunk
+
     D = math.comb(D_HEAD + 1, 2)
-    flop_fwd = 4 * D * D_HEAD * TOKENS * HEADS
+    flop_fwd = lambda T: (2 * D_HEAD * (T + 1) if default_chunk(T, D_HEAD) >= T
+                          else 4 * D * D_HEAD) * TOKENS * HEADS
     peak = matmul_peak()
     print(f"{time.strftime('%Y-%m-%d')} | {torch.cuda.get_device_name()} | torch {torch.__version__}"
           f" | triton {triton.__version__} | bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     if args.scan_variants:   # on its own: pick the state scan's launch settings first
         return scan_variants()
+    if args.quadratic:
+        return quadratic()
     man = manifest(args.manifest_path, args.manifest_timeout) if args.manifest_path else {}
     rows = []
     for T in TS:
@@ -256,7 +281,7 @@ def main():
           "| Manifest c128 fwd | c128 fwd+bwd | Manifest c1024 fwd | c1024 fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for T, of, ofb, sf, sfb, (m1, m2) in rows:
-        tf, tfb = flop_fwd / of / 1e9, 3 * flop_fwd / ofb / 1e9
+        tf, tfb = flop_fwd(T) / of / 1e9, 3 * flop_fwd(T) / ofb / 1e9
         print(f"| {T} | {TOKENS // T} | {of:.2f} | {ofb:.2f} | {tf:.0f} / {tfb:.0f} "
               f"({100 * tfb / peak:.0f}% of peak) | {sf:.2f} | {sfb:.2f} | {fmt(m1, 'fwd')} | "
               f"{fmt(m1, 'fwdbwd')} | {fmt(m2, 'fwd')} | {fmt(m2, 'fwdbwd')} |")

@@ -5,6 +5,7 @@ D canonical features (C(d+1, 2)), Di internal features (layout.py), N chunks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import lru_cache
@@ -21,24 +22,39 @@ from .layout import internal_dim, to_canonical, to_internal
 
 BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
 MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-chunk work grows
+# Up to this T (by head dim) the default is one chunk, the plain attention form: fwd+bwd ms
+# against 256-token chunks on an H200 (bf16, 65,536 tokens x 16 heads, 2026-11-30): d=32 5.97
+# vs 8.10 at 2k; d=64 13.84 vs 17.11 at 4k, 26.37 vs 17.01 at 8k; d=128 147 vs 152 at 16k.
+QUADRATIC_MAX = {16: 1024, 32: 2048, 64: 4096, 128: 16384}
 
 
 def _warps(d: int) -> int:
     return 8 if d >= 128 else 4
 
 
-def default_chunk(T: int) -> int:
+def quadratic_max(d: int) -> int:
+    """Longest T run as one chunk at head dim d: no state at all, the plain (q.k)^2 attention
+    form, which beats building and reading D x d states while the sequence is short (its cost
+    grows with T d per token, the states' with d^3). RETENTION_TRITON_QUADRATIC_MAX overrides
+    (0 turns it off)."""
+    env = os.environ.get("RETENTION_TRITON_QUADRATIC_MAX")
+    return int(env) if env else QUADRATIC_MAX.get(d, 0)
+
+
+def default_chunk(T: int, d: int = 64) -> int:
+    if T <= quadratic_max(d):
+        return max(64, triton.cdiv(T, 64) * 64)
     return min(MAX_CHUNK, max(64, triton.next_power_of_2(T)))
 
 
-def kernel_chunk(T: int, chunk_size) -> int:
+def kernel_chunk(T: int, chunk_size, d: int = 64) -> int:
     """The chunk the kernels run: RETENTION_TRITON_CHUNK if set (a tuning override that beats
-    chunk_size too), else chunk_size, else default_chunk(T). The torch dispatcher passes None
-    (the model config's chunk is the ops path's)."""
+    chunk_size too), else chunk_size, else default_chunk(T, d). The torch dispatcher passes
+    None (the model config's chunk is the ops path's)."""
     env = os.environ.get("RETENTION_TRITON_CHUNK")
     if env:
         return int(env)
-    return int(chunk_size) if chunk_size else default_chunk(T)
+    return int(chunk_size) if chunk_size else default_chunk(T, d)
 
 
 def _plan(T: int, chunk: int) -> tuple[int, int, int]:
@@ -78,6 +94,22 @@ SPLIT_DKV = os.environ.get("RETENTION_TRITON_SPLIT_DKV", "1") == "1"
 # Which operand of the state scan's matmuls carries the per-token scale (chunked._scaled_dot):
 # "b" rebuilds the values tile in shared memory per row a, "a" scales x^T in registers.
 SCAN_BSIDE = os.environ.get("RETENTION_TRITON_SCAN_OPERAND", "b") == "b"
+
+
+# dq of the backward on a side stream, beside the reverse state scan (CUDA only);
+# RETENTION_TRITON_OVERLAP_DQ=0 runs it after the scan on the caller's stream.
+OVERLAP_DQ = os.environ.get("RETENTION_TRITON_OVERLAP_DQ", "1") == "1"
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One extra CUDA stream per device (None off CUDA, e.g. under the interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 def _row_group(d, reverse=False):
@@ -150,16 +182,20 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     bm, n, Tp = _plan(T, chunk)
     dt_tl, dt_torch, prec = _dot_types(q.dtype)
     bg = _chunk_gates(log_g, chunk, n)
-    S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
-    Sst, Zst, SF, ZF = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
-                                   scale, dt_tl, dt_torch, prec, reverse=False,
-                                   store_fin=want_state)
+    has_state = not _stateless(n, S0, want_state)
+    if has_state:
+        S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
+        Sst, Zst, SF, ZF = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
+                                       scale, dt_tl, dt_torch, prec, reverse=False,
+                                       store_fin=want_state)
+    else:
+        Sst, Zst = q.new_empty(0, dtype=dt_torch), q.new_empty(0, dtype=torch.float32)
     y = torch.empty_like(q)
     den = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     chunked._out_fwd[(Tp // bm, B * Hq)](
-        q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n,
-        D_HEAD=d, DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec,
-        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+        q, k, v, bg, Sst if has_state else bg, Zst if has_state else bg, y, den, scale,
+        T, H, Hq, Tp, n, D_HEAD=d, DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        HAS_STATE=has_state, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     if want_state:
         S, z = to_canonical(SF.view(B, H, -1, d), ZF.view(B, H, d, d))
     else:
@@ -169,6 +205,12 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     return y, den, S, z, Sst, Zst
 
 
+def _stateless(n: int, S0, want_state: bool) -> bool:
+    """One chunk, no initial state and no final state asked for: no state is ever built or
+    read (the kernels run the plain attention form)."""
+    return n == 1 and S0 is None and not want_state
+
+
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, log_g, S0, z0, scale, chunk, keep_states=True, want_state=True):
     B, T, Hq, d = q.shape
@@ -176,7 +218,7 @@ def _fwd_fake(q, k, v, log_g, S0, z0, scale, chunk, keep_states=True, want_state
     D = math.comb(d + 1, 2)
     f32 = torch.float32
     n = triton.cdiv(T, chunk)
-    if keep_states:
+    if keep_states and not _stateless(n, S0, want_state):
         Sst = q.new_empty(B * H, n, internal_dim(d), d, dtype=_dot_types(q.dtype)[1])
         Zst = q.new_empty(B * H, n, d, d, dtype=f32)
     else:
@@ -203,8 +245,10 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     dt_tl, dt_torch, prec = _dot_types(q.dtype)
     Di = internal_dim(d)
     bg = _chunk_gates(log_g, chunk, n)
+    has_dS = dS is not None or dz is not None
+    has_state = not _stateless(n, S0, has_dS)
     S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
-    if Sst.numel() == 0:   # the forward did not keep them (RETENTION_TRITON_RECOMPUTE=1)
+    if has_state and Sst.numel() == 0:   # not kept (RETENTION_TRITON_RECOMPUTE=1)
         Sst, Zst, _, _ = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
                                      scale, dt_tl, dt_torch, prec, reverse=False,
                                      store_fin=False)
@@ -212,27 +256,38 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     rowwise._row_delta[(triton.cdiv(T, bt), B * Hq)](dy, y.contiguous(), delta, T, Hq,
                                                       D_HEAD=d, BT=bt)
-    has_dS = dS is not None or dz is not None
     if has_dS:
         dS = torch.zeros_like(S) if dS is None else dS
         dz = torch.zeros_like(z) if dz is None else dz
         dSi, dZi = _internal_state(dS.float(), dz.float(), B, H)
-    dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi if has_dS else None,
-                                         dZi if has_dS else None, chunk, n, T, H, Hq, scale,
-                                         dt_tl, dt_torch, prec, reverse=True,
-                                         store_fin=S0 is not None)
     dq = torch.empty(B, T, Hq, d, device=q.device, dtype=torch.float32)
     dk = torch.empty(B, T, H, d, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
-    chunked._dq_bwd[(Tp // bm, B * Hq)](
-        q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
-        D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
-        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
-    for part in ((1, 2) if SPLIT_DKV else (0,)):
+    # dq needs the forward's states, not the state gradients: on CUDA it runs on a side
+    # stream next to the reverse scan, whose last wave leaves SMs idle when B*H is small.
+    side = _side_stream(q.device) if has_state and OVERLAP_DQ else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    if has_state:
+        dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi if has_dS else None,
+                                             dZi if has_dS else None, chunk, n, T, H, Hq,
+                                             scale, dt_tl, dt_torch, prec, reverse=True,
+                                             store_fin=S0 is not None)
+    else:   # unused pointers
+        Sst = Zst = dSst = dZst = bg
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        chunked._dq_bwd[(Tp // bm, B * Hq)](
+            q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
+            D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, HAS_STATE=has_state,
+            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    # Without states the joint launch is the faster one (one set of scores; 15-20% at d=64).
+    for part in ((1, 2) if SPLIT_DKV and has_state else (0,)):
         chunked._dkv_bwd[(Tp // bm, B * H)](
             q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
-            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            HAS_STATE=has_state, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    if side is not None:   # every buffer dq's kernel reads is freed on this stream, after this
+        torch.cuda.current_stream(q.device).wait_stream(side)
     # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
     # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2;
     # _finish_grads forms it while casting the float32 gradients to the input dtype.
@@ -319,7 +374,7 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
         log_g_BTH = q_BTQd.new_zeros(B, T, H, dtype=torch.float32)
     elif tuple(log_g_BTH.shape) != (B, T, H):
         raise ValueError(f"log_g must have shape [B,T,H] = {(B, T, H)}, got {tuple(log_g_BTH.shape)}")
-    chunk = kernel_chunk(T, chunk_size)
+    chunk = kernel_chunk(T, chunk_size, d)
     if chunk % 16 or chunk < 16:
         raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk}")
     S0 = z0 = None

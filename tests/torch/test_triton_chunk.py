@@ -18,3 +18,18 @@ def test_environment_overrides_chunk_size(monkeypatch):
     monkeypatch.setenv("RETENTION_TRITON_CHUNK", "512")
     assert kernel_chunk(65536, 128) == 512
     assert kernel_chunk(100, None) == 512
+
+
+def test_short_sequences_run_as_one_chunk(monkeypatch):
+    """Up to ops.QUADRATIC_MAX[d] the default is one chunk (a multiple of 64): the plain
+    attention form, no states; beyond it 256-token chunks."""
+    monkeypatch.delenv("RETENTION_TRITON_CHUNK", raising=False)
+    monkeypatch.delenv("RETENTION_TRITON_QUADRATIC_MAX", raising=False)
+    assert kernel_chunk(1000, None, 64) == 1024
+    assert kernel_chunk(4096, None, 64) == 4096
+    assert kernel_chunk(4097, None, 64) == 256
+    assert kernel_chunk(300, None, 32) == 320
+    assert kernel_chunk(4096, None, 32) == 256
+    assert kernel_chunk(16384, None, 128) == 16384
+    monkeypatch.setenv("RETENTION_TRITON_QUADRATIC_MAX", "0")   # off: chunks everywhere
+    assert kernel_chunk(1000, None, 64) == 256

@@ -27,7 +27,8 @@ def _run_child(check: str, **extra_env) -> None:
 
 
 @pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "no_state_out", "chunk_48",
-                                   "float16", "decode", "api"])
+                                   "one_chunk", "one_chunk_state_out", "float16", "decode",
+                                   "api"])
 def test_triton_kernels_interpreted(check):
     _run_child(check)
 
@@ -134,6 +135,20 @@ def check_no_state_out():
 def check_chunk_48():
     """A chunk that is a multiple of 16 but not a power of two (16-token steps, 3 per chunk)."""
     _check_fwd_bwd(gates=True, state=True, Hq=2, H=1, chunk=48)
+
+
+def check_one_chunk():
+    """Training's call on a sequence within one chunk (the default chunk up to
+    ops.QUADRATIC_MAX): no state is built or read, the plain attention form."""
+    from retention.kernels.triton import ops
+
+    assert ops.default_chunk(50) == 64 and ops._stateless(1, None, False)
+    _check_fwd_bwd(gates=True, state=False, Hq=4, H=2, chunk=None, state_out=False)
+
+
+def check_one_chunk_state_out():
+    """One chunk with the final state asked for (prefill): the state path runs."""
+    _check_fwd_bwd(gates=True, state=False, Hq=4, H=2, chunk=None, state_out=True)
 
 
 def check_float16():
