@@ -2,11 +2,12 @@
 
 The loss of a 65,536-token step over a 50k vocabulary reads and writes the logits many times
 when done with torch ops (a float32 copy, log-softmax, its backward, the cast back): about
-15% of a small model's step on an H200. Here one program per row reads the logits twice in
-their own dtype (a running max and sum of exponentials, then the gradient) and writes the
-gradient once: loss and gradient are both formed in the forward, and the backward only scales
-the saved gradient. Math in float32; the gradient is stored in the logits' dtype, as autograd
-through `logits.float()` would cast it.
+15% of a small model's step on an H200. Here one program per row reads the logits once in
+their own dtype in the forward (a running max and sum of exponentials: the row's log-sum-exp
+and loss) and once in the backward, which writes the gradient already scaled by the upstream
+gradient (read from memory, no host sync). Forming the gradient in the forward instead costs
+a third pass to scale it (and materialized zeros for the unused output). Math in float32;
+the gradient is stored in the logits' dtype, as autograd through `logits.float()` casts it.
 
     cross_entropy(logits_NV, targets_N, ignore_index=-100) -> mean loss over non-ignored rows
 """
@@ -18,29 +19,40 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["V", "stride"])
-def _ce_fwd_grad(LOGITS, TARGETS, COUNT, LOSS, GRAD, V, stride, ignore_index,
-                 BV: tl.constexpr, NEED_GRAD: tl.constexpr):
+def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, V, stride, ignore_index, BV: tl.constexpr):
+    """One row: log-sum-exp by a running max and sum of exponentials, and the row's loss."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
     target = tl.load(TARGETS + row).to(tl.int32)
     valid = target != ignore_index
     cols = tl.arange(0, BV)
-    m = tl.full([BV], float("-inf"), tl.float32)   # per-lane running max and sum of exp
-    s = tl.zeros([BV], tl.float32)
+    # Running max and sum of exponentials over blocks: one exp per logit (the block's max
+    # first), the rescale of the sum once per block.
+    m = float("-inf")
+    s = 0.0
     for off in range(0, V, BV):
         x = tl.load(base + off + cols, mask=off + cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # Guards: a block of -inf logits (masked vocabulary) must not make -inf - -inf = nan.
         s = s * tl.exp(tl.where(m_new == float("-inf"), 0.0, m - m_new)) + \
-            tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
+            tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new)), axis=0)
         m = m_new
-    mx = tl.max(m, axis=0)
-    lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), axis=0))
+    lse = m + tl.log(s)
     x_t = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
-    if not NEED_GRAD:
-        return
-    # d mean / d logits = (softmax - onehot) / count on rows that count, 0 elsewhere.
-    scale = tl.where(valid, 1.0 / tl.maximum(tl.load(COUNT).to(tl.float32), 1.0), 0.0)
+    tl.store(LSE + row, lse)
+
+
+@triton.jit(do_not_specialize=["V", "stride"])
+def _ce_bwd(LOGITS, TARGETS, LSE, SCALE, GRAD, V, stride, ignore_index, BV: tl.constexpr):
+    """One row of d loss / d logits = (softmax - onehot) * SCALE on rows that count, else 0;
+    SCALE (upstream gradient / count) is read from memory: no host sync."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride
+    target = tl.load(TARGETS + row).to(tl.int32)
+    scale = tl.where(target != ignore_index, tl.load(SCALE).to(tl.float32), 0.0)
+    lse = tl.load(LSE + row)
+    cols = tl.arange(0, BV)
     gbase = GRAD + row * V
     for off in range(0, V, BV):
         c = off + cols
@@ -49,40 +61,62 @@ def _ce_fwd_grad(LOGITS, TARGETS, COUNT, LOSS, GRAD, V, stride, ignore_index,
         tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=c < V)
 
 
+def _block(V: int) -> int:
+    return min(4096, triton.next_power_of_2(V))
+
+
 @torch.library.custom_op("retention::triton_cross_entropy", mutates_args=())
-def _ce_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, need_grad: bool
+def _ce_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, gradient of the mean loss w.r.t. the logits) for logits [N,V], targets [N];
-    the gradient is an empty placeholder when need_grad is False (evaluation)."""
+    """(mean loss over the rows that count, per-row log-sum-exp [N] float32 for the backward)
+    for logits [N,V] (unit stride along V), targets [N]."""
     N, V = logits.shape
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    targets = targets.contiguous()
-    count = (targets != ignore_index).sum()
     loss_rows = torch.empty(N, device=logits.device, dtype=torch.float32)
-    grad = logits.new_empty((N, V) if need_grad else (0,))
+    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     if N:
-        _ce_fwd_grad[(N,)](logits, targets, count, loss_rows, grad, V, logits.stride(0),
-                           ignore_index, BV=min(4096, triton.next_power_of_2(V)),
-                           NEED_GRAD=need_grad, num_warps=8)
-    return loss_rows.sum() / count.clamp(min=1), grad
+        _ce_fwd[(N,)](logits, targets, loss_rows, lse, V, logits.stride(0), ignore_index,
+                      BV=_block(V), num_warps=8)
+    count = (targets != ignore_index).sum()
+    return loss_rows.sum() / count.clamp(min=1), lse
 
 
 @_ce_op.register_fake
-def _ce_fake(logits, targets, ignore_index, need_grad):
+def _ce_fake(logits, targets, ignore_index):
     return (logits.new_empty((), dtype=torch.float32),
-            logits.new_empty(logits.shape if need_grad else (0,)))
+            logits.new_empty(logits.shape[:1], dtype=torch.float32))
+
+
+@torch.library.custom_op("retention::triton_cross_entropy_bwd", mutates_args=())
+def _ce_bwd_op(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+               lse: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """d loss / d logits [N,V] in the logits' dtype, for the upstream gradient dloss (0-d)."""
+    N, V = logits.shape
+    grad = torch.empty((N, V), device=logits.device, dtype=logits.dtype)
+    scale = dloss.float() / (targets != ignore_index).sum().clamp(min=1)
+    if N:
+        _ce_bwd[(N,)](logits, targets, lse, scale, grad, V, logits.stride(0), ignore_index,
+                      BV=_block(V), num_warps=8)
+    return grad
+
+
+@_ce_bwd_op.register_fake
+def _ce_bwd_fake(dloss, logits, targets, lse, ignore_index):
+    return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    logits, targets, ignore_index = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, dloss, dgrad):
-    # Scaled in place: a second pass over a logits-sized tensor and its memory saved (the
-    # gradient is this op's own buffer; a graph kept with retain_graph must not reuse it).
-    (grad,) = ctx.saved_tensors
-    return grad.mul_(dloss.to(grad.dtype)), None, None, None
+def _backward(ctx, dloss, dlse):
+    # The gradient is formed here, already scaled: one read of the logits and one write.
+    logits, targets, lse = ctx.saved_tensors
+    grad = torch.ops.retention.triton_cross_entropy_bwd(dloss, logits, targets, lse,
+                                                        ctx.ignore_index)
+    return grad, None, None
 
 
 _ce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -96,7 +130,8 @@ def cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor,
     if logits_NV.ndim != 2 or targets_N.shape != logits_NV.shape[:1]:
         raise ValueError(f"expected logits [N,V] and targets [N], got {tuple(logits_NV.shape)} "
                          f"and {tuple(targets_N.shape)}")
-    need_grad = torch.is_grad_enabled() and logits_NV.requires_grad
-    loss, _ = torch.ops.retention.triton_cross_entropy(logits_NV, targets_N, int(ignore_index),
-                                                       need_grad)
+    if logits_NV.stride(-1) != 1:
+        logits_NV = logits_NV.contiguous()
+    loss, _ = torch.ops.retention.triton_cross_entropy(logits_NV, targets_N.contiguous(),
+                                                       int(ignore_index))
     return loss
