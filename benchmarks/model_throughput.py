@@ -25,7 +25,8 @@ optimizer state included; the peak is reset per row); on the CPU the process's p
 
 MFU = tokens/s x FLOPs per token / the device's dense bf16 peak (retention.metrics.PEAK_FLOPS;
 H200 989 TFLOP/s; --peak-flops overrides).
-- retention: retention.metrics.flops_per_token (6 N_matmul + 3 x the chunked retention term).
+- retention: retention.metrics.flops_per_token (6 N_matmul + 3 x the retention term of the
+  cheaper exact form: attention form up to T ~ 4k at d=64, chunked beyond).
 - llama: 6 N_matmul + 12 L d_model T (PaLM, appendix B: the full T x T score and value
   matmuls, forward + backward; causal flash does half of that work, so the JSON also has
   `flops_per_token_causal` = 6 N + 6 L d_model T).

@@ -34,8 +34,9 @@ one H200 (139 GiB usable), T = 4096, batch 1, bf16 autocast, activation checkpoi
     checkpointed layer inputs  32 x 4096 x 4096 x 4 B   2.1 GB  (the residual stream is fp32:
                                                         the embedding output is not autocast)
     one layer recomputed (MLP 4 x 90 MB, q/k/v/o, ...)  ~1-2 GB
-    power retention backward, one layer: per-chunk states and their gradients
-        2 x [32 heads, 32 chunks, 9216, 128] bf16       ~5 GB  (Triton kernels as of now)
+    power retention backward, one layer: none at T = 4096 (one chunk, no states); in chunks
+        (T > 16,384 at d = 128) the per-chunk states and their gradients, 2 x [32 heads,
+        T/256 chunks, 9216, 128] bf16, ~5 GB per 4,096 tokens
     logits fp32 1 x 4096 x 50304 + log-softmax + their gradients  ~3.3 GB (start of backward)
     AdamW: fused kernel, no temporaries (explicit loop: ~0.8 GB, the largest parameter)
     grad norm: torch._foreach_norm, no g*g temporaries

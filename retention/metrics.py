@@ -53,16 +53,19 @@ def matmul_parameters(config: ModelConfig) -> int:
 
 
 def retention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs of power retention per token and layer in the chunked form: scores and
-    weighted values inside a chunk (4 c d per query head, the full c x c block) plus, for the
-    share of tokens past the first chunk (1 - c/T), reading the D x d state (2 D (d+1) per
-    query head) and adding keys to it (2 D (d+1) per KV head). A window of one chunk never
-    builds a state."""
-    c, d = min(config.chunk_size, seq_len), config.head_dim
+    """Forward FLOPs of power retention per token and layer: the cheaper of its two exact forms
+    (the Triton kernels also pick by T). Attention form: token t scores and weights t keys,
+    4 d per key and query head, so 2 d (T + 1) on average. Chunked form: the same within a
+    chunk of c (2 d (c + 1)) plus, for the share of tokens past the first chunk (1 - c/T),
+    reading the D x d state (2 D (d + 1) per query head) and adding keys to it (2 D (d + 1)
+    per KV head)."""
+    T, d = seq_len, config.head_dim
+    c = min(config.chunk_size, T)
     D = feature_dim(d, config.degree)
-    state_share = 1.0 - c / seq_len
-    return (4 * c * d * config.n_heads
-            + state_share * 2 * D * (d + 1) * (config.n_heads + config.n_kv_heads))
+    attention = 2 * d * (T + 1) * config.n_heads
+    chunked = (2 * d * (c + 1) * config.n_heads
+               + (1.0 - c / T) * 2 * D * (d + 1) * (config.n_heads + config.n_kv_heads))
+    return min(attention, chunked)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -41,11 +41,14 @@ def test_flops_model_counts_matmuls_and_retention():
     n_norm = c.n_layers * (2 * c.d_model + 2 * c.head_dim) + c.d_model
     assert matmul_parameters(c) == count_parameters(c) - n_norm
     D = 2080  # C(64 + 1, 2)
-    expected = 4 * 128 * 64 * 12 + (1 - 128 / 2048) * 2 * D * 65 * (12 + 12)
-    assert retention_flops_per_token(c, 2048) == pytest.approx(expected)
-    assert flops_per_token(c, 2048) == pytest.approx(6 * matmul_parameters(c) + 3 * 12 * expected)
-    # A window of one chunk only attends within itself: no state.
-    assert retention_flops_per_token(c, 64) == 4 * 64 * 64 * 12
+    # Long sequences: the chunked form (causal within a chunk of 128, then the state).
+    expected = 2 * 64 * 129 * 12 + (1 - 128 / 16384) * 2 * D * 65 * (12 + 12)
+    assert retention_flops_per_token(c, 16384) == pytest.approx(expected)
+    assert flops_per_token(c, 16384) == pytest.approx(6 * matmul_parameters(c) + 3 * 12 * expected)
+    # Short ones: the attention form, 4 d per causal (query, key) pair, is cheaper.
+    assert retention_flops_per_token(c, 2048) == 2 * 64 * 2049 * 12
+    # A window of one chunk only attends within itself: no state, both forms agree.
+    assert retention_flops_per_token(c, 64) == 2 * 64 * 65 * 12
 
 
 def test_peak_table_and_override():
