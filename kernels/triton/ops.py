@@ -25,6 +25,7 @@ MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-c
 # Up to this T (by head dim) the default is one chunk, the plain attention form: fwd+bwd ms
 # against 256-token chunks on an H200 (bf16, 65,536 tokens x 16 heads, 2026-11-30): d=32 5.97
 # vs 8.10 at 2k; d=64 13.84 vs 17.11 at 4k, 26.37 vs 17.01 at 8k; d=128 147 vs 152 at 16k.
+# d=16 is not measured: half of d=32's, as the crossover grew with d from 32 to 64.
 QUADRATIC_MAX = {16: 1024, 32: 2048, 64: 4096, 128: 16384}
 
 
