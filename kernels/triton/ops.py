@@ -42,20 +42,23 @@ def quadratic_max(d: int) -> int:
     return int(env) if env else QUADRATIC_MAX.get(d, 0)
 
 
-def default_chunk(T: int, d: int = 64) -> int:
-    if T <= quadratic_max(d):
+def default_chunk(T: int, d: int = 64, stateless: bool = True) -> int:
+    """One chunk (T rounded up to 64) for a stateless call up to quadratic_max(d), else 256
+    (less for short T). A call with an initial state or asking for the final state (prefill)
+    needs the state scan anyway; one chunk would only add the quadratic work."""
+    if stateless and T <= quadratic_max(d):
         return max(64, triton.cdiv(T, 64) * 64)
     return min(MAX_CHUNK, max(64, triton.next_power_of_2(T)))
 
 
-def kernel_chunk(T: int, chunk_size, d: int = 64) -> int:
+def kernel_chunk(T: int, chunk_size, d: int = 64, stateless: bool = True) -> int:
     """The chunk the kernels run: RETENTION_TRITON_CHUNK if set (a tuning override that beats
-    chunk_size too), else chunk_size, else default_chunk(T, d). The torch dispatcher passes
-    None (the model config's chunk is the ops path's)."""
+    chunk_size too), else chunk_size, else default_chunk(T, d, stateless). The torch
+    dispatcher passes None (the model config's chunk is the ops path's)."""
     env = os.environ.get("RETENTION_TRITON_CHUNK")
     if env:
         return int(env)
-    return int(chunk_size) if chunk_size else default_chunk(T, d)
+    return int(chunk_size) if chunk_size else default_chunk(T, d, stateless)
 
 
 def _plan(T: int, chunk: int) -> tuple[int, int, int]:
@@ -375,7 +378,7 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
         log_g_BTH = q_BTQd.new_zeros(B, T, H, dtype=torch.float32)
     elif tuple(log_g_BTH.shape) != (B, T, H):
         raise ValueError(f"log_g must have shape [B,T,H] = {(B, T, H)}, got {tuple(log_g_BTH.shape)}")
-    chunk = kernel_chunk(T, chunk_size, d)
+    chunk = kernel_chunk(T, chunk_size, d, initial_state is None and not return_state)
     if chunk % 16 or chunk < 16:
         raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk}")
     S0 = z0 = None

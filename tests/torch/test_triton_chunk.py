@@ -31,5 +31,7 @@ def test_short_sequences_run_as_one_chunk(monkeypatch):
     assert kernel_chunk(300, None, 32) == 320
     assert kernel_chunk(4096, None, 32) == 256
     assert kernel_chunk(16384, None, 128) == 16384
+    # Prefill or a continued state needs the scan anyway: chunks, as for long sequences.
+    assert kernel_chunk(1000, None, 64, stateless=False) == 256
     monkeypatch.setenv("RETENTION_TRITON_QUADRATIC_MAX", "0")   # off: chunks everywhere
     assert kernel_chunk(1000, None, 64) == 256
