@@ -91,9 +91,15 @@ def _stages(d, dt_tl):
     return 2 if d >= 128 or dt_tl == tl.float32 else 3
 
 
-# dk and dv of the keys in two launches with fewer live registers each (default: 1.5-2% faster
-# on an H200, 2026-11-30) or one (RETENTION_TRITON_SPLIT_DKV=0; the scores are computed once).
-SPLIT_DKV = os.environ.get("RETENTION_TRITON_SPLIT_DKV", "1") == "1"
+# dk and dv of the keys in two launches with fewer live registers each, or one (the scores
+# computed once). None picks by path: two with states (1.5-2% faster), one without (15-20%;
+# H200, 2026-11-30). RETENTION_TRITON_SPLIT_DKV=1 or 0 forces two or one everywhere.
+_SPLIT_ENV = os.environ.get("RETENTION_TRITON_SPLIT_DKV")
+SPLIT_DKV = None if _SPLIT_ENV is None else _SPLIT_ENV == "1"
+
+
+def _split_dkv(has_state: bool) -> bool:
+    return has_state if SPLIT_DKV is None else SPLIT_DKV
 
 # Which operand of the state scan's matmuls carries the per-token scale (chunked._scaled_dot):
 # "b" rebuilds the values tile in shared memory per row a, "a" scales x^T in registers.
@@ -284,8 +290,7 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
             q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, HAS_STATE=has_state,
             num_warps=_warps(d), num_stages=_stages(d, dt_tl))
-    # Without states the joint launch is the faster one (one set of scores; 15-20% at d=64).
-    for part in ((1, 2) if SPLIT_DKV and has_state else (0,)):
+    for part in ((1, 2) if _split_dkv(has_state) else (0,)):
         chunked._dkv_bwd[(Tp // bm, B * H)](
             q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
