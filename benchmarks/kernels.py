@@ -12,6 +12,9 @@ without it the Manifest columns are skipped. FLOPs counted for ours, per token a
 forward, for the form the kernels run at that T: 4*D*d with states (state update + state read,
 canonical D=2080; the intra-chunk attention not counted), 2*d*(T+1) in one chunk (the causal
 attention form, ops.quadratic_max); 3x that forward+backward.
+
+    python benchmarks/kernels.py --attn-tune --quadratic   # one-chunk launch settings, then
+                                                           # one chunk against chunks by T, d
 """
 from __future__ import annotations
 
@@ -147,9 +150,10 @@ def profile(T):
 
 def kernel_resources():
     """Registers, spills and shared memory of every compiled kernel variant (from ptxas)."""
-    from retention.kernels.triton import chunked, rowwise
+    from retention.kernels.triton import attention, chunked, rowwise
 
-    for module, name in ((chunked, "_state_scan"), (chunked, "_out_fwd"), (chunked, "_dq_bwd"),
+    for module, name in ((attention, "_attn_fwd"), (attention, "_attn_dq"),
+                         (attention, "_attn_dkv"), (chunked, "_state_scan"), (chunked, "_out_fwd"), (chunked, "_dq_bwd"),
                          (chunked, "_dkv_bwd"), (rowwise, "_row_delta"),
                          (rowwise, "_finish_grads")):
         try:
@@ -219,20 +223,64 @@ def tune():
 
 
 def quadratic():
-    """One chunk (chunk = T: no state, the plain attention form; the default up to
+    """One chunk (chunk = T: no state, the attention form of attention.py; the default up to
     ops.quadratic_max(d)) against 256-token chunks with states, fwd+bwd ms (same tokens and
-    heads), and the one-chunk form with dk and dv in two launches instead of one."""
-    from retention.kernels.triton import ops
-
-    split = ops.SPLIT_DKV
-    for T, d in ((1024, 32), (2048, 32), (1024, 64), (2048, 64), (4096, 64), (8192, 64),
-                 (4096, 128), (8192, 128), (16384, 128)):
+    heads)."""
+    for T, d in ((1024, 32), (2048, 32), (4096, 32), (1024, 64), (2048, 64), (4096, 64),
+                 (8192, 64), (16384, 64), (4096, 128), (8192, 128), (16384, 128)):
         res = {"chunk 256": ours(T, chunk=256, d=d), "one chunk": ours(T, chunk=T, d=d)}
-        ops.SPLIT_DKV = True
-        res["one chunk, dk/dv in two launches"] = ours(T, chunk=T, d=d)
-        ops.SPLIT_DKV = split
         print(f"quadratic T={T} d={d}: " + ", ".join(f"{k} fwd {f:.2f} fwd+bwd {fb:.2f} ms"
                                                      for k, (f, fb) in res.items()), flush=True)
+
+
+# Launch settings of the one-chunk kernels to time: (rows, cols, warps, stages), by head dim;
+# dq and dkv each with both ways of forming their transposed operands (ops.ATTN_TRANS).
+ATTN_CANDIDATES = {
+    "fwd": {64: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (64, 128, 4, 3),
+                 (128, 128, 8, 3)],
+            128: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (64, 32, 4, 3)]},
+    "dq": {64: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3),
+                (64, 64, 8, 3)],
+           128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)]},
+    "dkv": {64: [(64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 4, 3),
+                 (32, 32, 4, 3)],
+            128: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 2)]},
+}
+
+
+def attn_tune():
+    """Each one-chunk kernel's launch settings in turn, the others at their defaults: forward
+    ms for fwd, fwd+bwd ms for dq and dkv, at T=1024 and 4096 (d=64) and T=4096 (d=128).
+    Keeps and prints the fastest per kernel and head dim (ops.ATTN_BLOCKS, ops.ATTN_TRANS)."""
+    from retention.kernels.triton import ops
+
+    shapes = {64: (1024, 4096), 128: (4096,)}
+    for kind, by_d in ATTN_CANDIDATES.items():
+        for d, cands in by_d.items():
+            default = (ops.ATTN_BLOCKS[kind][d], ops.ATTN_TRANS.get(kind, {}).get(d))
+            best = None
+            for cfg in cands:
+                for trans in (False, True) if kind in ops.ATTN_TRANS else (None,):
+                    ops.ATTN_BLOCKS[kind][d] = cfg
+                    if trans is not None:
+                        ops.ATTN_TRANS[kind][d] = trans
+                    try:
+                        ms = [ours(T, chunk=T, d=d)[0 if kind == "fwd" else 1]
+                              for T in shapes[d]]
+                    except Exception as e:
+                        print(f"attn {kind} d={d} {cfg} trans={trans}: failed "
+                              f"{type(e).__name__}: {str(e)[:160]}", flush=True)
+                        continue
+                    print(f"attn {kind} d={d} {cfg} trans={trans}: " + ", ".join(
+                        f"T={T} {m:.3f} ms" for T, m in zip(shapes[d], ms)), flush=True)
+                    if best is None or sum(ms) < best[0]:
+                        best = (sum(ms), cfg, trans)
+            cfg, trans = best[1:] if best else default
+            ops.ATTN_BLOCKS[kind][d] = cfg
+            if trans is not None:
+                ops.ATTN_TRANS[kind][d] = trans
+            print(f"BEST attn {kind} d={d}: {cfg} trans={trans} (default {default})",
+                  flush=True)
 
 
 def main():
@@ -241,7 +289,8 @@ def main():
     ap.add_argument("--manifest-timeout", type=int, default=240)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time chunk sizes 128/256/512")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", type=int, nargs="*", default=None, metavar="T",
+                    help="profile fwd+bwd at these T (default 65536)")
     ap.add_argument("--scan-variants", action="store_true",
                     help="time the state scan's operand choice and rows per program "
                          "(T=4096 and 65536), print the fastest as env settings, and stop")
@@ -250,6 +299,9 @@ def main():
                          "kernels and the rows per state-scan program (T=4096 and 65536)")
     ap.add_argument("--quadratic", action="store_true",
                     help="one chunk (no state) against 256-token chunks by T and head dim, and stop")
+    ap.add_argument("--attn-tune", action="store_true",
+                    help="time the one-chunk kernels' launch settings first, keep the fastest "
+                         "for the rest of the run")
     args = ap.parse_args()
     if args.child:
         return manifest_child()
@@ -266,6 +318,8 @@ def main():
           f" | triton {triton.__version__} | bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     if args.scan_variants:   # on its own: pick the state scan's launch settings first
         return scan_variants()
+    if args.attn_tune:
+        attn_tune()
     if args.quadratic:
         return quadratic()
     man = manifest(args.manifest_path, args.manifest_timeout) if args.manifest_path else {}
@@ -296,8 +350,9 @@ def main():
     if args.tune:
         tune()
     kernel_resources()
-    if args.profile:
-        profile(65536)
+    if args.profile is not None:
+        for T in args.profile or [65536]:
+            profile(T)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results (rank 0) to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one more step (torch profiler, CUDA "
+                        "kernels) and print where its time goes (rank 0)")
     return p.parse_args(argv)
 
 
@@ -134,6 +137,36 @@ def report_oom(torch, device, ranks, phase: str, error: BaseException, args, rec
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_OOM)
+
+
+def profile_step(torch, trainer, batch, lr, device, ranks) -> None:
+    """One more step under the torch profiler: the CUDA kernels by total time, and the share
+    of matmuls (gemm), the retention kernels (_attn, _state_scan, ...), flash/elementwise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer.train_step(batch, lr)
+        torch.cuda.synchronize(device)
+    if not ranks.main:
+        return
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    groups = {"matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma"),
+              "retention kernels": ("_attn_", "_state_scan", "_out_fwd", "_dq_bwd", "_dkv_bwd",
+                                    "_row_delta", "_finish_grads"),
+              "loss": ("_ce_",), "optimizer": ("adam", "Adam"),
+              "communication": ("nccl",)}
+    shares = {g: 0.0 for g in groups}
+    for e in events:
+        for g, keys in groups.items():
+            if any(k in e.key for k in keys):
+                shares[g] += e.device_time_total
+                break
+    say(ranks, f"-- profiled step: {total / 1e3:.1f} ms of CUDA kernels; " + ", ".join(
+        f"{g} {100 * t / total:.1f}%" for g, t in shares.items())
+        + f", other {100 * (total - sum(shares.values())) / total:.1f}%")
+    say(ranks, prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                         max_name_column_width=60))
 
 
 def local_numel(t) -> int:
@@ -237,6 +270,8 @@ def main(argv=None) -> int:
             f"grad norm {result['grad_norm']:.3f}, peak {peak or 0:.2f} GiB "
             f"(rank {ranks.rank})")
 
+    if args.profile and device.type == "cuda":
+        profile_step(torch, trainer, micro_batches(), args.lr, device, ranks)
     # Per GPU: the slowest rank's mean step, the largest rank's memory.
     mem = memory_now(torch, device)
     if device.type == "cuda":

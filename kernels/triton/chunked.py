@@ -392,26 +392,22 @@ def _query_block(Q, K, V, T, H, Hq, D_HEAD: tl.constexpr, C: tl.constexpr, BM: t
 def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr, HAS_STATE: tl.constexpr):
-    """HAS_STATE False: one chunk and no initial state, so no state to read (plain attention
-    form; Sst and Zst are unused)."""
+             DT: tl.constexpr, PREC: tl.constexpr):
     NB: tl.constexpr = D_HEAD // 16
     pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
         _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
     bq = tl.load(Bg + bh64 * Tp + rows)
     q = tl.load(qrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
-    den = tl.zeros([BM], dtype=tl.float32)
+    fq = scale * scale * tl.exp(bq)
+    # Denominator's state: phi(q).z = q^T Z q.
+    zt = tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
+                 + cols[None, :])
+    qz = tl.dot(q.to(DT), zt.to(DT), input_precision=PREC)
+    den = fq * tl.sum(qz * q.to(tl.float32), axis=1)
     acc = tl.zeros([BM, D_HEAD], dtype=tl.float32)
-    if HAS_STATE:
-        fq = scale * scale * tl.exp(bq)
-        # Denominator's state: phi(q).z = q^T Z q.
-        zt = tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
-                     + cols[None, :])
-        qz = tl.dot(q.to(DT), zt.to(DT), input_precision=PREC)
-        den = fq * tl.sum(qz * q.to(tl.float32), axis=1)
-        Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
-        for I in tl.static_range(NB):
-            acc = _read_block(acc, qrow, rm, fq, Sb, cols, I, D_HEAD, DT, PREC)
+    Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
+    for I in tl.static_range(NB):
+        acc = _read_block(acc, qrow, rm, fq, Sb, cols, I, D_HEAD, DT, PREC)
     # Masked attention over this chunk's keys up to the diagonal.
     qd = q.to(DT)
     for kb in range(n * C, pm * BM + BM, BM):
@@ -437,7 +433,7 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
 def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
             T, H, Hq, Tp, N,
             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-            DT: tl.constexpr, PREC: tl.constexpr, HAS_STATE: tl.constexpr):
+            DT: tl.constexpr, PREC: tl.constexpr):
     NB: tl.constexpr = D_HEAD // 16
     pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
         _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
@@ -453,12 +449,10 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
     dnum_dt = dnum.to(DT)
     q = tl.load(qrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
     qd = q.to(DT)
-    dq = tl.zeros([BM, D_HEAD], dtype=tl.float32)
-    if HAS_STATE:
-        # den = fq q^T Z q (Z symmetric): dq = 2 fq dden Z q.
-        zt = tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
-                     + cols[None, :])
-        dq = tl.dot(qd, zt.to(DT), input_precision=PREC) * (2.0 * fq * dden)[:, None]
+    # den = fq q^T Z q (Z symmetric): dq = 2 fq dden Z q.
+    zt = tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
+                 + cols[None, :])
+    dq = tl.dot(qd, zt.to(DT), input_precision=PREC) * (2.0 * fq * dden)[:, None]
     for kb in range(n * C, pm * BM + BM, BM):
         kr = kb + tl.arange(0, BM)
         km = kr < T
@@ -472,22 +466,19 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
         ds = tl.where(keep, 2.0 * dw * s * tl.exp(bq[:, None] - bk[None, :]), 0.0)
         dq += tl.dot(ds.to(DT), kn.to(DT), input_precision=PREC) * scale
     tl.store(grow[:, None] + cols[None, :], dq, mask=rm[:, None])
-    if HAS_STATE:
-        # The state read: u_a = dnum @ S_a^T; added into DQ block by block.
-        Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
-        for I in tl.static_range(NB):
-            _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD, BM, DT, PREC)
+    # The state read: u_a = dnum @ S_a^T; added into DQ block by block.
+    Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
+    for I in tl.static_range(NB):
+        _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD, BM, DT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
 def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
-             HAS_STATE: tl.constexpr):
+             DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr):
     """dk and dv of one row block of keys. PART 0 computes both; 1 only dv and 2 only dk
-    (two launches with fewer live registers each; the intra-chunk scores are computed twice).
-    HAS_STATE False: no state gradient reaches the keys (one chunk, no final state)."""
+    (two launches with fewer live registers each; the intra-chunk scores are computed twice)."""
     NB: tl.constexpr = D_HEAD // 16
     DO_V: tl.constexpr = PART != 2
     DO_K: tl.constexpr = PART != 1
@@ -512,14 +503,14 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
     k = tl.load(krow[:, None] + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
     v = tl.load(vbase + rows[:, None] * krs + cols[None, :], mask=rm[:, None], other=0.0).to(DT)
     dk = tl.zeros([BM, D_HEAD], dtype=tl.float32)
-    if DO_K and HAS_STATE:
+    if DO_K:
         # Keys wrote Z = sum gk k k^T into the state leaving their chunk: dk = 2 gk dZ k.
         dzt = tl.load(dZst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
                       + cols[None, :])
         dk = tl.dot(k, dzt.to(DT), input_precision=PREC) * (2.0 * gk)[:, None]
     dv = tl.zeros([BM, D_HEAD], dtype=tl.float32)
     Sb = dSst + (bh64 * N + n) * DINT * D_HEAD
-    if DO_V and HAS_STATE:
+    if DO_V:
         for I in tl.static_range(NB):
             dv = _read_block(dv, krow, rm, gk, Sb, cols, I, D_HEAD, DT, PREC)
     # Later queries of the same chunk attended to these keys.
@@ -562,7 +553,6 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
         tl.store(dvbase + rows[:, None] * krs + cols[None, :], dv, mask=rm[:, None])
     if DO_K:
         tl.store(grow[:, None] + cols[None, :], dk, mask=rm[:, None])
-        if HAS_STATE:
-            # The state write: u_a = v @ dS_a^T; added into DK block by block.
-            for I in tl.static_range(NB):
-                _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD, BM, DT, PREC)
+        # The state write: u_a = v @ dS_a^T; added into DK block by block.
+        for I in tl.static_range(NB):
+            _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD, BM, DT, PREC)

@@ -5,7 +5,6 @@ D canonical features (C(d+1, 2)), Di internal features (layout.py), N chunks.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from functools import lru_cache
@@ -17,16 +16,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import chunked, decode, rowwise
+from . import attention, chunked, decode, rowwise
 from .layout import internal_dim, to_canonical, to_internal
 
 BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
 MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-chunk work grows
-# Up to this T (by head dim) the default is one chunk, the plain attention form: fwd+bwd ms
-# against 256-token chunks on an H200 (bf16, 65,536 tokens x 16 heads, 2026-11-30): d=32 5.97
-# vs 8.10 at 2k; d=64 13.84 vs 17.11 at 4k, 26.37 vs 17.01 at 8k; d=128 147 vs 152 at 16k.
-# d=16 is not measured: half of d=32's, as the crossover grew with d from 32 to 64.
-QUADRATIC_MAX = {16: 1024, 32: 2048, 64: 4096, 128: 16384}
+# Up to this T (by head dim) the default is one chunk, the attention form: fwd+bwd ms against
+# 256-token chunks on an H200 (bf16, 65,536 tokens x 16 heads, 2026-11-30): d=32 7.00 vs 7.99
+# at 4k; d=64 9.70 vs 17.05 at 4k, 18.12 vs 16.90 at 8k (6k interpolates to ~14 vs 17);
+# d=128 61.1 vs 151.5 at 16k (32k extrapolates to ~122). d=16 is not measured: half of d=32's.
+QUADRATIC_MAX = {16: 2048, 32: 4096, 64: 6144, 128: 32768}
 
 
 def _warps(d: int) -> int:
@@ -61,6 +60,29 @@ def kernel_chunk(T: int, chunk_size, d: int = 64, stateless: bool = True) -> int
     return int(chunk_size) if chunk_size else default_chunk(T, d, stateless)
 
 
+# The one-chunk kernels (attention.py) by head dim: (rows, cols, warps, stages). fwd and dq
+# take `rows` queries per program and `cols` keys per step; dkv `rows` keys and `cols` queries.
+# The fastest of `benchmarks/kernels.py --attn-tune` at d=64 and 128 (H200, 2026-11-30);
+# d=16 and 32 take d=64's.
+ATTN_BLOCKS = {
+    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3)},
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dkv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 32, 4, 2)},
+}
+# The backward's transposed operands, by kernel and head dim: tl.trans of loaded tiles (True:
+# less shared memory, 1-20% faster) or tiles loaded transposed (False).
+# RETENTION_TRITON_ATTN_TRANS=0|1 forces either everywhere.
+_TRANS_ENV = os.environ.get("RETENTION_TRITON_ATTN_TRANS")
+ATTN_TRANS = {kind: {d: _TRANS_ENV != "0" for d in (16, 32, 64, 128)}
+              for kind in ("dq", "dkv")}
+
+
+def _attn_len(T: int) -> int:
+    """Gates' padded length for the one-chunk kernels: a multiple of every block they use."""
+    top = max(max(r, c) for table in ATTN_BLOCKS.values() for r, c, _, _ in table.values())
+    return triton.cdiv(T, top) * top
+
+
 def _plan(T: int, chunk: int) -> tuple[int, int, int]:
     """Row block BM, chunks N and padded length Tp for chunk size `chunk`."""
     bm = next(b for b in (BLOCK_M, 64, 32, 16) if b <= chunk and chunk % b == 0)
@@ -91,35 +113,13 @@ def _stages(d, dt_tl):
     return 2 if d >= 128 or dt_tl == tl.float32 else 3
 
 
-# dk and dv of the keys in two launches with fewer live registers each, or one (the scores
-# computed once). None picks by path: two with states (1.5-2% faster), one without (15-20%;
-# H200, 2026-11-30). RETENTION_TRITON_SPLIT_DKV=1 or 0 forces two or one everywhere.
-_SPLIT_ENV = os.environ.get("RETENTION_TRITON_SPLIT_DKV")
-SPLIT_DKV = None if _SPLIT_ENV is None else _SPLIT_ENV == "1"
-
-
-def _split_dkv(has_state: bool) -> bool:
-    return has_state if SPLIT_DKV is None else SPLIT_DKV
+# dk and dv of the keys in two launches with fewer live registers each (1.5-2.5% faster; H200,
+# 2026-11-30), or one (the scores computed once): RETENTION_TRITON_SPLIT_DKV=0.
+SPLIT_DKV = os.environ.get("RETENTION_TRITON_SPLIT_DKV", "1") == "1"
 
 # Which operand of the state scan's matmuls carries the per-token scale (chunked._scaled_dot):
 # "b" rebuilds the values tile in shared memory per row a, "a" scales x^T in registers.
 SCAN_BSIDE = os.environ.get("RETENTION_TRITON_SCAN_OPERAND", "b") == "b"
-
-
-# dq of the backward on a side stream, beside the reverse state scan (CUDA only);
-# RETENTION_TRITON_OVERLAP_DQ=0 runs it after the scan on the caller's stream.
-OVERLAP_DQ = os.environ.get("RETENTION_TRITON_OVERLAP_DQ", "1") == "1"
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device):
-    """One extra CUDA stream per device (None off CUDA, e.g. under the interpreter)."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
 
 
 def _row_group(d, reverse=False):
@@ -191,8 +191,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bm, n, Tp = _plan(T, chunk)
     dt_tl, dt_torch, prec = _dot_types(q.dtype)
-    bg = _chunk_gates(log_g, chunk, n)
     has_state = not _stateless(n, S0, want_state)
+    bg = _chunk_gates(log_g, chunk, n) if has_state else None
     if has_state:
         S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
         Sst, Zst, SF, ZF = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
@@ -202,10 +202,12 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
         Sst, Zst = q.new_empty(0, dtype=dt_torch), q.new_empty(0, dtype=torch.float32)
     y = torch.empty_like(q)
     den = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    chunked._out_fwd[(Tp // bm, B * Hq)](
-        q, k, v, bg, Sst if has_state else bg, Zst if has_state else bg, y, den, scale,
-        T, H, Hq, Tp, n, D_HEAD=d, DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec,
-        HAS_STATE=has_state, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    if has_state:
+        chunked._out_fwd[(Tp // bm, B * Hq)](
+            q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n, D_HEAD=d,
+            DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    else:
+        _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec)
     if want_state:
         S, z = to_canonical(SF.view(B, H, -1, d), ZF.view(B, H, d, d))
     else:
@@ -213,6 +215,71 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     if not keep_states:
         Sst, Zst = Sst.new_empty(0), Zst.new_empty(0)
     return y, den, S, z, Sst, Zst
+
+
+def _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec):
+    """The one-chunk forward (attention.py): y and den, written in place."""
+    B, T, Hq, d = q.shape
+    H = k.shape[2]
+    Tp = _attn_len(T)
+    bm, bn, warps, stages = ATTN_BLOCKS["fwd"][d]
+    attention._attn_fwd[(triton.cdiv(T, bm), B * Hq)](
+        q, k, v, _chunk_gates(log_g, Tp, 1), y, den, scale, T, H, Hq, Tp,
+        D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, num_warps=warps, num_stages=stages)
+
+
+def _attention_bwd(q, k, v, log_g, dy, den, delta, scale, dt_tl, prec):
+    """The one-chunk backward (attention.py): dq, dk, dv in the inputs' dtype and the gate
+    gradient's summand dG [B,H,T] = (sum over the group of q.dq - k.dk)/2."""
+    B, T, Hq, d = q.shape
+    H = k.shape[2]
+    Tp = _attn_len(T)
+    bg = _chunk_gates(log_g, Tp, 1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    qdq = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    kdk = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    bm, bn, warps, stages = ATTN_BLOCKS["dq"][d]
+    attention._attn_dq[(triton.cdiv(T, bm), B * Hq)](
+        q, k, v, bg, dy, den, delta, dq, qdq, scale, T, H, Hq, Tp,
+        D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
+        num_warps=warps, num_stages=stages)
+    bn, bm, warps, stages = ATTN_BLOCKS["dkv"][d]
+    attention._attn_dkv[(triton.cdiv(T, bn), B * H)](
+        q, k, v, bg, dy, den, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
+        D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d],
+        num_warps=warps, num_stages=stages)
+    return dq, dk, dv, 0.5 * (qdq.view(B, H, Hq // H, T).sum(2) - kdk)
+
+
+def _log_gate_grad(dG_BHT: torch.Tensor) -> torch.Tensor:
+    """d log_g [B,T,H] from the summands dG: log_g_t enters every G_i with i >= t, so its
+    gradient is the reversed cumulative sum (over the innermost axis: torch scans over outer
+    axes are slow)."""
+    return dG_BHT.flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
+
+
+def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, scale, chunk,
+                 want_dS0, dt_tl, dt_torch, prec):
+    """The chunked backward: the reverse state scan, then dq (from the forward's states) and
+    dk, dv (from the state gradients), in place. Returns the initial state's gradient
+    (internal layout) when want_dS0, else (None, None)."""
+    B, T, Hq, d = q.shape
+    H = k.shape[2]
+    bm, n, Tp = _plan(T, chunk)
+    Di = internal_dim(d)
+    dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi, dZi, chunk, n, T, H, Hq,
+                                         scale, dt_tl, dt_torch, prec, reverse=True,
+                                         store_fin=want_dS0)
+    chunked._dq_bwd[(Tp // bm, B * Hq)](
+        q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
+        D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    for part in (1, 2) if SPLIT_DKV else (0,):
+        chunked._dkv_bwd[(Tp // bm, B * H)](
+            q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
+            D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
+            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    return dS0i, dZ0i
 
 
 def _stateless(n: int, S0, want_state: bool) -> bool:
@@ -251,12 +318,12 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     B, T, Hq, d = q.shape
     H = k.shape[2]
     q, k, v, dy = q.contiguous(), k.contiguous(), v.contiguous(), dy.contiguous()
-    bm, n, Tp = _plan(T, chunk)
+    n = triton.cdiv(T, chunk)
     dt_tl, dt_torch, prec = _dot_types(q.dtype)
     Di = internal_dim(d)
-    bg = _chunk_gates(log_g, chunk, n)
     has_dS = dS is not None or dz is not None
     has_state = not _stateless(n, S0, has_dS)
+    bg = _chunk_gates(log_g, chunk, n) if has_state else None
     S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
     if has_state and Sst.numel() == 0:   # not kept (RETENTION_TRITON_RECOMPUTE=1)
         Sst, Zst, _, _ = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
@@ -266,6 +333,10 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     rowwise._row_delta[(triton.cdiv(T, bt), B * Hq)](dy, y.contiguous(), delta, T, Hq,
                                                       D_HEAD=d, BT=bt)
+    if not has_state:
+        dq, dk, dv, dG = _attention_bwd(q, k, v, log_g, dy, den, delta, scale, dt_tl, prec)
+        return (dq, dk, dv, _log_gate_grad(dG), q.new_empty(0, dtype=torch.float32),
+                q.new_empty(0, dtype=torch.float32))
     if has_dS:
         dS = torch.zeros_like(S) if dS is None else dS
         dz = torch.zeros_like(z) if dz is None else dz
@@ -273,30 +344,9 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     dq = torch.empty(B, T, Hq, d, device=q.device, dtype=torch.float32)
     dk = torch.empty(B, T, H, d, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
-    # dq needs the forward's states, not the state gradients: on CUDA it runs on a side
-    # stream next to the reverse scan, whose last wave leaves SMs idle when B*H is small.
-    side = _side_stream(q.device) if has_state and OVERLAP_DQ else None
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream(q.device))
-    if has_state:
-        dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi if has_dS else None,
-                                             dZi if has_dS else None, chunk, n, T, H, Hq,
-                                             scale, dt_tl, dt_torch, prec, reverse=True,
-                                             store_fin=S0 is not None)
-    else:   # unused pointers
-        Sst = Zst = dSst = dZst = bg
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        chunked._dq_bwd[(Tp // bm, B * Hq)](
-            q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
-            D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, HAS_STATE=has_state,
-            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
-    for part in ((1, 2) if _split_dkv(has_state) else (0,)):
-        chunked._dkv_bwd[(Tp // bm, B * H)](
-            q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
-            D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
-            HAS_STATE=has_state, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
-    if side is not None:   # every buffer dq's kernel reads is freed on this stream, after this
-        torch.cuda.current_stream(q.device).wait_stream(side)
+    dS0i, dZ0i = _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst,
+                              dSi if has_dS else None, dZi if has_dS else None, dq, dk, dv,
+                              scale, chunk, S0 is not None, dt_tl, dt_torch, prec)
     # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
     # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2;
     # _finish_grads forms it while casting the float32 gradients to the input dtype.
@@ -306,7 +356,7 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
         q, k, dq, dk, dv, dq_out, dk_out, dv_out, dG, T, H, Hq, D_HEAD=d, BT=bt)
     if has_dS:
         dG[:, -1] += (dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)
-    dlog_g = dG.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
+    dlog_g = _log_gate_grad(dG.transpose(1, 2))
     if S0 is not None:
         dS0, dz0 = to_canonical(dS0i.view(B, H, Di, d), dZ0i.view(B, H, d, d))
     else:

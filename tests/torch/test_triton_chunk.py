@@ -26,11 +26,11 @@ def test_short_sequences_run_as_one_chunk(monkeypatch):
     monkeypatch.delenv("RETENTION_TRITON_CHUNK", raising=False)
     monkeypatch.delenv("RETENTION_TRITON_QUADRATIC_MAX", raising=False)
     assert kernel_chunk(1000, None, 64) == 1024
-    assert kernel_chunk(4096, None, 64) == 4096
-    assert kernel_chunk(4097, None, 64) == 256
+    assert kernel_chunk(6144, None, 64) == 6144
+    assert kernel_chunk(6145, None, 64) == 256
     assert kernel_chunk(300, None, 32) == 320
-    assert kernel_chunk(4096, None, 32) == 256
-    assert kernel_chunk(16384, None, 128) == 16384
+    assert kernel_chunk(8192, None, 32) == 256
+    assert kernel_chunk(32768, None, 128) == 32768
     # Prefill or a continued state needs the scan anyway: chunks, as for long sequences.
     assert kernel_chunk(1000, None, 64, stateless=False) == 256
     monkeypatch.setenv("RETENTION_TRITON_QUADRATIC_MAX", "0")   # off: chunks everywhere

@@ -28,7 +28,7 @@ def _run_child(check: str, **extra_env) -> None:
 
 @pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "no_state_out", "chunk_48",
                                    "one_chunk", "one_chunk_state_out", "float16", "decode",
-                                   "api"])
+                                   "api", "checkpointed_compiled_layers"])
 def test_triton_kernels_interpreted(check):
     _run_child(check)
 
@@ -43,6 +43,12 @@ def test_triton_kernels_interpreted(check):
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
+
+
+def test_one_chunk_transposed_loads_interpreted():
+    """The one-chunk backward with its transposed operands loaded as such instead of
+    tl.trans of the loaded tiles (ops.ATTN_TRANS, the default on the GPU)."""
+    _run_child("one_chunk", RETENTION_TRITON_ATTN_TRANS="0")
 
 
 # ---- the checks, run in the child process -------------------------------------------------
@@ -143,7 +149,13 @@ def check_one_chunk():
     from retention.kernels.triton import ops
 
     assert ops.default_chunk(50) == 64 and ops._stateless(1, None, False)
+    # Small blocks so T=50 has blocks before the diagonal, two steps inside each diagonal
+    # block and a partial last block (the GPU's are 64-128 rows).
+    small = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkv": (32, 16, 4, 1)}
+    ops.ATTN_BLOCKS = {kind: {32: cfg} for kind, cfg in small.items()}
     _check_fwd_bwd(gates=True, state=False, Hq=4, H=2, chunk=None, state_out=False)
+    ops.ATTN_BLOCKS = {kind: {32: (16, 16, 4, 1)} for kind in small}
+    _check_fwd_bwd(gates=True, state=False, Hq=2, H=2, chunk=None, state_out=False)
 
 
 def check_one_chunk_state_out():
@@ -230,6 +242,15 @@ def check_api():
     assert torch.equal(got, loss_y(*leaves))
     assert all(torch.equal(a, b) for a, b in zip(
         torch.autograd.grad(got, leaves), torch.autograd.grad(loss_y(*leaves), leaves)))
+
+def check_checkpointed_compiled_layers():
+    """The kernel path inside activation checkpointing + per-layer torch.compile traces
+    whole (test_layer_wrapping.py; on CUDA a graph break there silently runs eager)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_layer_wrapping import check_layers_trace_whole
+
+    check_layers_trace_whole("kernel")
+
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"

@@ -352,6 +352,8 @@ def power_retention_step_(q_BQd, k_BHd, v_BHd, log_g_BH, state, *, degree: int =
 
 _resolved: dict[tuple, str] = {}
 _warned: set = set()
+_kernels: list = []   # retention.kernels.triton once _resolve has vetted it (a global read
+                      # traces; an import inside torch.compile's traced region does not)
 
 
 def _kernel_module():
@@ -386,6 +388,14 @@ def resolve_impl(impl: str, device_or_tensor) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     device = (device_or_tensor.device if isinstance(device_or_tensor, torch.Tensor)
               else torch.device(device_or_tensor))
+    return _resolve(impl, device.type)
+
+
+# Run eagerly when torch.compile traces a caller, its answer a constant: the first call may
+# fill the cache, a side effect that activation checkpointing's traced region refuses.
+@torch.compiler.assume_constant_result
+def _resolve(impl: str, device_type: str) -> str:
+    device = torch.device(device_type)
     key = (impl, device.type)
     if key in _resolved:
         return _resolved[key]
@@ -397,6 +407,7 @@ def resolve_impl(impl: str, device_or_tensor) -> str:
             kernel, why = _kernel_module()
             if kernel is not None:
                 choice = "kernel"
+                _kernels[:] = [kernel]
         if impl == "kernel" and choice == "ops":
             _warn_once(key, f"power_retention(impl='kernel'): {why}; falling back to the ops path")
     _resolved[key] = choice
@@ -407,7 +418,8 @@ def resolve_impl(impl: str, device_or_tensor) -> str:
 def _run_kernel(name: str, key: tuple, ops_fn, *args, kernel_kwargs=None, **kwargs):
     """Call the kernel (kernel_kwargs override kwargs for it alone); one that raises
     NotImplementedError for these inputs falls back to ops_fn(*args, **kwargs)."""
-    kernel = importlib.import_module("retention.kernels.triton")  # resolve_impl vetted it
+    # resolve_impl vetted and kept it (the import is for callers that bypass it: tests)
+    kernel = _kernels[0] if _kernels else importlib.import_module("retention.kernels.triton")
     try:
         return getattr(kernel, name)(*args, **{**kwargs, **(kernel_kwargs or {})})
     except NotImplementedError as e:

@@ -1,0 +1,235 @@
+"""The one-chunk form without states: causal (q.k)^2 attention with gates, flash-attention
+style (training's call on sequences up to ops.QUADRATIC_MAX).
+
+Weights are w_ij = (s q_i.k_j)^2 e^{b_i - b_j} for j <= i, with b the cumulative log-gate
+(non-increasing), and y_i = sum_j w_ij v_j / sum_j w_ij. Unlike softmax there is no running
+maximum, and the gate is rank one: for a block pair with every key before every query, any
+position r between them splits it into e^{b_i - b_r} e^{b_r - b_j}, both factors <= 1 (no
+overflow; a factor only underflows where the weight itself does). So off-diagonal blocks
+take no exponential per element (at d=64 the exponentials of a block cost about as much
+MUFU time as its two dots take on the tensor cores), no mask, and the query-side factor
+leaves the loop. Only the blocks on the diagonal take e^{b_i - b_j} per element, masked.
+
+  _attn_fwd  (query block, query head): y and den (den kept for the backward)
+  _attn_dq   (query block, query head): dq, and q.dq per row
+  _attn_dkv  (key block, KV head): dk and dv over the group's query heads, and k.dk per row
+
+Normalization in the backward: with dnum = dy/den and dden = -(dy.y)/den = -delta/den,
+dw_ij = dnum_i.v_j + dden_i = (dy_i.v_j - delta_i)/den_i, and dw/d(q.k) = 2 s^2 (q.k) e^{..}.
+Gradients are written in the inputs' dtype, with the rows' q.dq and k.dk in float32: the
+log-gate gradient is their difference's reversed cumulative sum (ops._bwd_op). Gates come as
+b [B*H, Tp] float32 with Tp a multiple of every block size.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _query_rows(Bg, T, H, Hq, Tp, D_HEAD: tl.constexpr, BM: tl.constexpr):
+    """A (query block, query head) program's rows, longest blocks first (the last rows see
+    the most keys), and base pointers of its query head, KV head and gates."""
+    pm = tl.num_programs(0) - 1 - tl.program_id(0)
+    pbh = tl.program_id(1)
+    b = pbh // Hq
+    hq = pbh % Hq
+    h = hq // (Hq // H)
+    m0 = pm * BM
+    rows = m0 + tl.arange(0, BM)
+    qoff = (b.to(tl.int64) * T * Hq + hq) * D_HEAD
+    kvoff = (b.to(tl.int64) * T * H + h) * D_HEAD
+    gbase = Bg + (b * H + h).to(tl.int64) * Tp
+    return pbh, m0, rows, rows < T, qoff, kvoff, gbase
+
+
+@triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
+def _attn_fwd(Q, K, V, Bg, Y, DEN, scale, T, H, Hq, Tp,
+              D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              DT: tl.constexpr, PREC: tl.constexpr):
+    pbh, m0, rows, rm, qoff, kvoff, gbase = _query_rows(Bg, T, H, Hq, Tp, D_HEAD, BM)
+    cols = tl.arange(0, D_HEAD)
+    qrs = Hq * D_HEAD
+    krs = H * D_HEAD
+    q = tl.load(Q + qoff + rows[:, None] * qrs + cols[None, :], mask=rm[:, None],
+                other=0.0).to(DT)
+    bq = tl.load(gbase + rows)
+    bref = tl.load(gbase + m0)
+    acc = tl.zeros([BM, D_HEAD], dtype=tl.float32)
+    den = tl.zeros([BM], dtype=tl.float32)
+    # Keys before the block: all causal, gate e^{bq - bref} (after the loop) x e^{bref - bk}.
+    for kb in tl.range(0, m0, BN):
+        kr = kb + tl.arange(0, BN)
+        kT = tl.load(K + kvoff + kr[None, :] * krs + cols[:, None])
+        s = tl.dot(q, kT.to(DT), input_precision=PREC)
+        w = s * s * tl.exp(bref - tl.load(gbase + kr))[None, :]
+        vb = tl.load(V + kvoff + kr[:, None] * krs + cols[None, :])
+        acc += tl.dot(w.to(DT), vb.to(DT), input_precision=PREC)
+        den += tl.sum(w, axis=1)
+    eq = tl.exp(bq - bref) * (scale * scale)
+    acc = acc * eq[:, None]
+    den = den * eq
+    # The diagonal block: masked, one exponential per pair.
+    for kb in tl.range(0, BM, BN, num_stages=1):
+        kr = m0 + kb + tl.arange(0, BN)
+        km = kr < T
+        kT = tl.load(K + kvoff + kr[None, :] * krs + cols[:, None], mask=km[None, :], other=0.0)
+        s = tl.dot(q, kT.to(DT), input_precision=PREC) * scale
+        e = tl.where(rows[:, None] >= kr[None, :],
+                     tl.exp(bq[:, None] - tl.load(gbase + kr)[None, :]), 0.0)
+        w = s * s * e
+        vb = tl.load(V + kvoff + kr[:, None] * krs + cols[None, :], mask=km[:, None], other=0.0)
+        acc += tl.dot(w.to(DT), vb.to(DT), input_precision=PREC)
+        den += tl.sum(w, axis=1)
+    y = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(Y + qoff + rows[:, None] * qrs + cols[None, :], y.to(Y.dtype.element_ty),
+             mask=rm[:, None])
+    tl.store(DEN + pbh.to(tl.int64) * T + rows, den, mask=rm)
+
+
+@triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
+def _attn_dq(Q, K, V, Bg, DY, DEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
+             D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
+    pbh, m0, rows, rm, qoff, kvoff, gbase = _query_rows(Bg, T, H, Hq, Tp, D_HEAD, BM)
+    cols = tl.arange(0, D_HEAD)
+    qrs = Hq * D_HEAD
+    krs = H * D_HEAD
+    qp = qoff + rows[:, None] * qrs + cols[None, :]
+    q = tl.load(Q + qp, mask=rm[:, None], other=0.0).to(DT)
+    dy = tl.load(DY + qp, mask=rm[:, None], other=0.0).to(DT)
+    den = tl.load(DEN + pbh.to(tl.int64) * T + rows, mask=rm, other=1.0)
+    rden = 1.0 / tl.where(den > 0, den, 1.0)
+    delta = tl.load(DELTA + pbh.to(tl.int64) * T + rows, mask=rm, other=0.0)
+    bq = tl.load(gbase + rows)
+    bref = tl.load(gbase + m0)
+    eq = tl.exp(bq - bref) * rden
+    dq = tl.zeros([BM, D_HEAD], dtype=tl.float32)
+    for kb in tl.range(0, m0, BN):
+        kr = kb + tl.arange(0, BN)
+        kT, vT, kn = _key_tiles(K, V, kvoff, kr, kr, cols, krs, TRANS, False)
+        s = tl.dot(q, kT.to(DT), input_precision=PREC)
+        p = tl.dot(dy, vT.to(DT), input_precision=PREC)
+        c = eq[:, None] * tl.exp(bref - tl.load(gbase + kr))[None, :]
+        dq += tl.dot(((p - delta[:, None]) * s * c).to(DT), kn.to(DT), input_precision=PREC)
+    for kb in tl.range(0, BM, BN, num_stages=1):
+        kr = m0 + kb + tl.arange(0, BN)
+        km = kr < T
+        kT, vT, kn = _key_tiles(K, V, kvoff, kr, km, cols, krs, TRANS, True)
+        s = tl.dot(q, kT.to(DT), input_precision=PREC)
+        p = tl.dot(dy, vT.to(DT), input_precision=PREC)
+        c = tl.where(rows[:, None] >= kr[None, :],
+                     tl.exp(bq[:, None] - tl.load(gbase + kr)[None, :]), 0.0) * rden[:, None]
+        dq += tl.dot(((p - delta[:, None]) * s * c).to(DT), kn.to(DT), input_precision=PREC)
+    # dq_i = sum_j 2 s^2 (q_i.k_j) e^{b_i - b_j} dw_ij k_j, dw_ij = (dy_i.v_j - delta_i)/den_i.
+    dq = dq * (2.0 * scale * scale)
+    tl.store(DQ + qp, dq.to(DQ.dtype.element_ty), mask=rm[:, None])
+    tl.store(QDQ + pbh.to(tl.int64) * T + rows, tl.sum(q.to(tl.float32) * dq, axis=1), mask=rm)
+
+
+@triton.jit
+def _key_tiles(K, V, kvoff, kr, km, cols, krs, TRANS: tl.constexpr, MASKED: tl.constexpr):
+    """A key block as the query-side backward reads it: k^T, v^T and k (rows km only when
+    MASKED). TRANS False loads the transposed tiles as such; True transposes the loaded ones
+    (tl.trans of a load, not of a dot result: triton 3.4-3.7.0 miscompiles that on Hopper)."""
+    pN = kvoff + kr[:, None] * krs + cols[None, :]
+    pT = kvoff + kr[None, :] * krs + cols[:, None]
+    if MASKED:
+        kn = tl.load(K + pN, mask=km[:, None], other=0.0)
+        if TRANS:
+            return tl.trans(kn), tl.trans(tl.load(V + pN, mask=km[:, None], other=0.0)), kn
+        kT = tl.load(K + pT, mask=km[None, :], other=0.0)
+        return kT, tl.load(V + pT, mask=km[None, :], other=0.0), kn
+    kn = tl.load(K + pN)
+    if TRANS:
+        return tl.trans(kn), tl.trans(tl.load(V + pN)), kn
+    return tl.load(K + pT), tl.load(V + pT), kn
+
+
+@triton.jit
+def _query_tiles(Q, DY, DEN, DELTA, qoff, rowbase, qr, qm, cols, qrs, TRANS: tl.constexpr):
+    """A query block as the key-side program reads it: q and dy both ways round (TRANS as in
+    _key_tiles), den (1 where masked) and delta."""
+    pN = qoff + qr[:, None] * qrs + cols[None, :]
+    qn = tl.load(Q + pN, mask=qm[:, None], other=0.0)
+    dyn = tl.load(DY + pN, mask=qm[:, None], other=0.0)
+    if TRANS:
+        qT = tl.trans(qn)
+        dyT = tl.trans(dyn)
+    else:
+        pT = qoff + qr[None, :] * qrs + cols[:, None]
+        qT = tl.load(Q + pT, mask=qm[None, :], other=0.0)
+        dyT = tl.load(DY + pT, mask=qm[None, :], other=0.0)
+    den = tl.load(DEN + rowbase + qr, mask=qm, other=1.0)
+    den = tl.where(den > 0, den, 1.0)
+    delta = tl.load(DELTA + rowbase + qr, mask=qm, other=0.0)
+    return qT, qn, dyT, dyn, den, delta
+
+
+@triton.jit
+def _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT: tl.constexpr, PREC: tl.constexpr):
+    """Adds one (key block, query block) pair: c [BN, BM] is the gate over den (zero where
+    masked), without the s^2 (and 2 s^2 for dk) that the caller applies at the end. The
+    rounded dk summand equals _attn_dq's dq summand (same factors, same order): the gate
+    gradient sums q.dq - k.dk over all pairs after t, whose rounding errors then cancel."""
+    sT = tl.dot(k, qT.to(DT), input_precision=PREC)
+    dv += tl.dot((sT * sT * c).to(DT), dyn.to(DT), input_precision=PREC)
+    pT = tl.dot(v, dyT.to(DT), input_precision=PREC)
+    dk += tl.dot(((pT - delta[None, :]) * sT * c).to(DT), qn.to(DT), input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
+def _attn_dkv(Q, K, V, Bg, DY, DEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
+              D_HEAD: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
+    """dk and dv of BN keys: the group's queries in BM-row blocks, the diagonal ones masked."""
+    pn = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    RG = Hq // H
+    n0 = pn * BN
+    rows = n0 + tl.arange(0, BN)
+    rm = rows < T
+    cols = tl.arange(0, D_HEAD)
+    qrs = Hq * D_HEAD
+    krs = H * D_HEAD
+    kp = (b.to(tl.int64) * T * H + h) * D_HEAD + rows[:, None] * krs + cols[None, :]
+    k = tl.load(K + kp, mask=rm[:, None], other=0.0).to(DT)
+    v = tl.load(V + kp, mask=rm[:, None], other=0.0).to(DT)
+    gbase = Bg + bh.to(tl.int64) * Tp
+    bk = tl.load(gbase + rows)
+    bref = tl.load(gbase + n0 + BN - 1)
+    ek = tl.exp(bref - bk)[:, None]
+    dk = tl.zeros([BN, D_HEAD], dtype=tl.float32)
+    dv = tl.zeros([BN, D_HEAD], dtype=tl.float32)
+    # Queries after the block: all causal, gate e^{bref - bk} x e^{bq - bref}.
+    for r in range(RG):
+        hq = h * RG + r
+        qoff = (b.to(tl.int64) * T * Hq + hq) * D_HEAD
+        rowbase = (b * Hq + hq).to(tl.int64) * T
+        for qb in tl.range(n0 + BN, T, BM):
+            qr = qb + tl.arange(0, BM)
+            qm = qr < T
+            qT, qn, dyT, dyn, den, delta = _query_tiles(Q, DY, DEN, DELTA, qoff, rowbase, qr, qm,
+                                                        cols, qrs, TRANS)
+            c = ek * (tl.exp(tl.load(gbase + qr) - bref) / den)[None, :]
+            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT, PREC)
+    # Queries in the block's own rows: masked, one exponential per pair.
+    for r in range(RG):
+        hq = h * RG + r
+        qoff = (b.to(tl.int64) * T * Hq + hq) * D_HEAD
+        rowbase = (b * Hq + hq).to(tl.int64) * T
+        for qb in tl.range(0, BN, BM, num_stages=1):
+            qr = n0 + qb + tl.arange(0, BM)
+            qm = qr < T
+            qT, qn, dyT, dyn, den, delta = _query_tiles(Q, DY, DEN, DELTA, qoff, rowbase, qr, qm,
+                                                        cols, qrs, TRANS)
+            e = tl.where((qr[None, :] >= rows[:, None]) & qm[None, :],
+                         tl.exp(tl.load(gbase + qr)[None, :] - bk[:, None]), 0.0)
+            c = e / den[None, :]
+            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT, PREC)
+    s2 = scale * scale
+    dk = dk * (2.0 * s2)
+    tl.store(DK + kp, dk.to(DK.dtype.element_ty), mask=rm[:, None])
+    tl.store(DV + kp, (dv * s2).to(DV.dtype.element_ty), mask=rm[:, None])
+    tl.store(KDK + bh.to(tl.int64) * T + rows, tl.sum(k.to(tl.float32) * dk, axis=1), mask=rm)
