@@ -281,6 +281,39 @@ def attn_tune():
                 ops.ATTN_TRANS[kind][d] = trans
             print(f"BEST attn {kind} d={d}: {cfg} trans={trans} (default {default})",
                   flush=True)
+            if kind == "dkv" and best:
+                split_tune(ops, d, shapes[d], best[0])
+
+
+# dv and dk in two launches (ops.ATTN_SPLIT_DKV), each with these settings.
+SPLIT_CANDIDATES = {64: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3)],
+                    128: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 3)]}
+
+
+def split_tune(ops, d, Ts, joint_ms):
+    """dk/dv in two launches against the best joint launch (joint_ms, summed over Ts);
+    keeps the split with its fastest settings if it wins."""
+    best = None
+    for cfg in SPLIT_CANDIDATES[d]:
+        ops.ATTN_SPLIT_DKV[d] = True
+        ops.ATTN_BLOCKS["dv"][d] = ops.ATTN_BLOCKS["dk"][d] = cfg
+        try:
+            ms = [ours(T, chunk=T, d=d)[1] for T in Ts]
+        except Exception as e:
+            print(f"attn split dk/dv d={d} {cfg}: failed {type(e).__name__}: {str(e)[:160]}",
+                  flush=True)
+            continue
+        print(f"attn split dk/dv d={d} {cfg}: " + ", ".join(
+            f"T={T} {m:.3f} ms" for T, m in zip(Ts, ms)), flush=True)
+        if best is None or sum(ms) < best[0]:
+            best = (sum(ms), cfg)
+    ops.ATTN_SPLIT_DKV[d] = best is not None and best[0] < joint_ms
+    if ops.ATTN_SPLIT_DKV[d]:
+        ops.ATTN_BLOCKS["dv"][d] = ops.ATTN_BLOCKS["dk"][d] = best[1]
+    choice = f"two launches {best[1]}" if ops.ATTN_SPLIT_DKV[d] else "one launch"
+    split_ms = best[0] if best else float("nan")
+    print(f"BEST attn dk/dv d={d}: {choice} ({split_ms:.3f} ms split against {joint_ms:.3f} "
+          f"joint)", flush=True)
 
 
 def main():

@@ -165,23 +165,29 @@ def _query_tiles(Q, DY, DEN, DELTA, qoff, rowbase, qr, qm, cols, qrs, TRANS: tl.
 
 
 @triton.jit
-def _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT: tl.constexpr, PREC: tl.constexpr):
+def _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT: tl.constexpr, PREC: tl.constexpr,
+              PART: tl.constexpr):
     """Adds one (key block, query block) pair: c [BN, BM] is the gate over den (zero where
     masked), without the s^2 (and 2 s^2 for dk) that the caller applies at the end. The
     rounded dk summand equals _attn_dq's dq summand (same factors, same order): the gate
-    gradient sums q.dq - k.dk over all pairs after t, whose rounding errors then cancel."""
+    gradient sums q.dq - k.dk over all pairs after t, whose rounding errors then cancel.
+    PART 1 adds dv only, 2 dk only, 0 both."""
     sT = tl.dot(k, qT.to(DT), input_precision=PREC)
-    dv += tl.dot((sT * sT * c).to(DT), dyn.to(DT), input_precision=PREC)
-    pT = tl.dot(v, dyT.to(DT), input_precision=PREC)
-    dk += tl.dot(((pT - delta[None, :]) * sT * c).to(DT), qn.to(DT), input_precision=PREC)
+    if PART != 2:
+        dv += tl.dot((sT * sT * c).to(DT), dyn.to(DT), input_precision=PREC)
+    if PART != 1:
+        pT = tl.dot(v, dyT.to(DT), input_precision=PREC)
+        dk += tl.dot(((pT - delta[None, :]) * sT * c).to(DT), qn.to(DT), input_precision=PREC)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
 def _attn_dkv(Q, K, V, Bg, DY, DEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
               D_HEAD: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
-    """dk and dv of BN keys: the group's queries in BM-row blocks, the diagonal ones masked."""
+              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr):
+    """dk and dv of BN keys: the group's queries in BM-row blocks, the diagonal ones masked.
+    PART 0 computes both; 1 only dv and 2 only dk (two launches, fewer live registers each,
+    the scores computed twice)."""
     pn = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -213,7 +219,7 @@ def _attn_dkv(Q, K, V, Bg, DY, DEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
             qT, qn, dyT, dyn, den, delta = _query_tiles(Q, DY, DEN, DELTA, qoff, rowbase, qr, qm,
                                                         cols, qrs, TRANS)
             c = ek * (tl.exp(tl.load(gbase + qr) - bref) / den)[None, :]
-            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT, PREC)
+            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT, PREC, PART)
     # Queries in the block's own rows: masked, one exponential per pair.
     for r in range(RG):
         hq = h * RG + r
@@ -227,9 +233,12 @@ def _attn_dkv(Q, K, V, Bg, DY, DEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
             e = tl.where((qr[None, :] >= rows[:, None]) & qm[None, :],
                          tl.exp(tl.load(gbase + qr)[None, :] - bk[:, None]), 0.0)
             c = e / den[None, :]
-            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT, PREC)
+            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT, PREC, PART)
     s2 = scale * scale
-    dk = dk * (2.0 * s2)
-    tl.store(DK + kp, dk.to(DK.dtype.element_ty), mask=rm[:, None])
-    tl.store(DV + kp, (dv * s2).to(DV.dtype.element_ty), mask=rm[:, None])
-    tl.store(KDK + bh.to(tl.int64) * T + rows, tl.sum(k.to(tl.float32) * dk, axis=1), mask=rm)
+    if PART != 1:
+        dk = dk * (2.0 * s2)
+        tl.store(DK + kp, dk.to(DK.dtype.element_ty), mask=rm[:, None])
+        tl.store(KDK + bh.to(tl.int64) * T + rows, tl.sum(k.to(tl.float32) * dk, axis=1),
+                 mask=rm)
+    if PART != 2:
+        tl.store(DV + kp, (dv * s2).to(DV.dtype.element_ty), mask=rm[:, None])

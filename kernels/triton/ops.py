@@ -68,7 +68,15 @@ ATTN_BLOCKS = {
     "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3)},
     "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dkv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 32, 4, 2)},
+    # dv and dk in two launches (ATTN_SPLIT_DKV): untimed guesses, fewer live registers each
+    "dv": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},
+    "dk": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},
 }
+# The one-chunk dk/dv in one launch (False) or two, dv then dk (True: the scores computed
+# twice, fewer live registers each; not yet timed on a GPU). RETENTION_TRITON_ATTN_SPLIT_DKV=1
+# forces two everywhere.
+ATTN_SPLIT_DKV = {d: os.environ.get("RETENTION_TRITON_ATTN_SPLIT_DKV") == "1"
+                  for d in (16, 32, 64, 128)}
 # The backward's transposed operands, by kernel and head dim: tl.trans of loaded tiles (True:
 # less shared memory, 1-20% faster) or tiles loaded transposed (False).
 # RETENTION_TRITON_ATTN_TRANS=0|1 forces either everywhere.
@@ -243,11 +251,12 @@ def _attention_bwd(q, k, v, log_g, dy, den, delta, scale, dt_tl, prec):
         q, k, v, bg, dy, den, delta, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
         num_warps=warps, num_stages=stages)
-    bn, bm, warps, stages = ATTN_BLOCKS["dkv"][d]
-    attention._attn_dkv[(triton.cdiv(T, bn), B * H)](
-        q, k, v, bg, dy, den, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
-        D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d],
-        num_warps=warps, num_stages=stages)
+    for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
+        bn, bm, warps, stages = ATTN_BLOCKS[("dkv", "dv", "dk")[part]][d]
+        attention._attn_dkv[(triton.cdiv(T, bn), B * H)](
+            q, k, v, bg, dy, den, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
+            D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
+            num_warps=warps, num_stages=stages)
     return dq, dk, dv, 0.5 * (qdq.view(B, H, Hq // H, T).sum(2) - kdk)
 
 

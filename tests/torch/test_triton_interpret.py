@@ -45,10 +45,14 @@ def test_triton_kernel_variants_interpreted(env):
     _run_child("fwd_bwd", **env)
 
 
-def test_one_chunk_transposed_loads_interpreted():
+@pytest.mark.parametrize("env", [{"RETENTION_TRITON_ATTN_TRANS": "0"},
+                                 {"RETENTION_TRITON_ATTN_SPLIT_DKV": "1"}],
+                         ids=["transposed-loads", "split-dk-dv"])
+def test_one_chunk_variants_interpreted(env):
     """The one-chunk backward with its transposed operands loaded as such instead of
-    tl.trans of the loaded tiles (ops.ATTN_TRANS, the default on the GPU)."""
-    _run_child("one_chunk", RETENTION_TRITON_ATTN_TRANS="0")
+    tl.trans of the loaded tiles (ops.ATTN_TRANS), and with dv and dk in two launches
+    (ops.ATTN_SPLIT_DKV)."""
+    _run_child("one_chunk", **env)
 
 
 # ---- the checks, run in the child process -------------------------------------------------
@@ -151,7 +155,7 @@ def check_one_chunk():
     assert ops.default_chunk(50) == 64 and ops._stateless(1, None, False)
     # Small blocks so T=50 has blocks before the diagonal, two steps inside each diagonal
     # block and a partial last block (the GPU's are 64-128 rows).
-    small = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkv": (32, 16, 4, 1)}
+    small = {kind: (32, 16, 4, 1) for kind in ("fwd", "dq", "dkv", "dv", "dk")}
     ops.ATTN_BLOCKS = {kind: {32: cfg} for kind, cfg in small.items()}
     _check_fwd_bwd(gates=True, state=False, Hq=4, H=2, chunk=None, state_out=False)
     ops.ATTN_BLOCKS = {kind: {32: (16, 16, 4, 1)} for kind in small}
