@@ -195,17 +195,20 @@ def scan_variants():
 
 
 def tune():
-    """Launch settings of the kernels (ops module knobs) against the defaults, fwd+bwd ms at
-    d=64 (T=4096 and 65536) and d=128 (T=4096, the 7B preset's head dim). Row blocks of 64
+    """Settings of the chunked kernels (ops module knobs) against the defaults, fwd+bwd ms in
+    256-token chunks at d=64 (T=4096 and 65536) and d=128 (T=4096, the 7B preset's head dim),
+    including the rank-one intra-chunk gate (ops.CHUNK_RANK1). Row blocks of 64
     with 4 warps and 3 stages won against 128-row blocks and 8 warps on 2026-11-30
     (docs/kernels_gpu_log.md); chunk sizes: --sweep."""
     from retention.kernels.triton import ops
 
-    names = ("BLOCK_M", "_warps", "_stages", "_row_group", "SPLIT_DKV", "_scan_step")
+    names = ("BLOCK_M", "_warps", "_stages", "_row_group", "SPLIT_DKV", "_scan_step",
+             "CHUNK_RANK1")
     base = {n: getattr(ops, n) for n in names}
     step64 = lambda stages: (lambda c, d: (64 if c % 64 == 0 else 16, stages))
     fwd4 = lambda d, reverse=False: 2 if reverse else 4
     variants = [("default", {}),
+                ("intra-chunk rank-one gate", dict(CHUNK_RANK1=True)),
                 ("scan 64-token steps", dict(_scan_step=step64(2))),
                 ("dk and dv in one launch", dict(SPLIT_DKV=False)),
                 ("forward scan 4 rows/program", dict(_row_group=fwd4))]
@@ -213,7 +216,8 @@ def tune():
         for key, val in knobs.items():
             setattr(ops, key, val)
         try:
-            res = [(T, d, ours(T, d=d)) for T, d in ((4096, 64), (65536, 64), (4096, 128))]
+            res = [(T, d, ours(T, chunk=256, d=d))
+                   for T, d in ((4096, 64), (65536, 64), (4096, 128))]
             print(f"tune {name}: " + ", ".join(f"T={T} d={d} fwd {f:.2f} fwd+bwd {fb:.2f} ms"
                                                for T, d, (f, fb) in res), flush=True)
         except Exception as e:

@@ -365,6 +365,34 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
     tl.debug_barrier()
 
 
+@triton.jit
+def _intra_gate(bq, bk, keep, diag, bref_ptr, RANK1: tl.constexpr, QROWS: tl.constexpr):
+    """The intra-chunk gate e^{bq_i - bk_j}, 0 where not kept: [queries, keys] if QROWS, else
+    [keys, queries]. RANK1, off the diagonal block (every key before every query):
+    e^{bq_i - bref} e^{bref - bk_j} with bref the query block's first log-gate, both factors
+    <= 1: no exponential per pair, no mask (keys past T reach only padded rows, and load as
+    zeros). The query-side and key-side kernels form the same two factors, so their products
+    (and the dq and dk summands built on them) round alike."""
+    if QROWS:
+        diff = bq[:, None] - bk[None, :]
+    else:
+        diff = bq[None, :] - bk[:, None]
+    if RANK1:
+        if diag:
+            e = tl.where(keep, tl.exp(diff), 0.0)
+        else:
+            bref = tl.load(bref_ptr)
+            eq = tl.exp(bq - bref)
+            ek = tl.exp(bref - bk)
+            if QROWS:
+                e = eq[:, None] * ek[None, :]
+            else:
+                e = ek[:, None] * eq[None, :]
+    else:
+        e = tl.where(keep, tl.exp(diff), 0.0)
+    return e
+
+
 # --- forward output -------------------------------------------------------------------------
 @triton.jit
 def _query_block(Q, K, V, T, H, Hq, D_HEAD: tl.constexpr, C: tl.constexpr, BM: tl.constexpr):
@@ -392,7 +420,7 @@ def _query_block(Q, K, V, T, H, Hq, D_HEAD: tl.constexpr, C: tl.constexpr, BM: t
 def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr):
+             DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr):
     NB: tl.constexpr = D_HEAD // 16
     pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
         _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
@@ -417,7 +445,8 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
         s = tl.dot(qd, kT.to(DT), input_precision=PREC) * scale
         bk = tl.load(Bg + bh64 * Tp + kr)
         keep = (rows[:, None] >= kr[None, :]) & km[None, :]
-        wgt = tl.where(keep, s * s * tl.exp(bq[:, None] - bk[None, :]), 0.0)
+        wgt = s * s * _intra_gate(bq, bk, keep, kb == pm * BM, Bg + bh64 * Tp + pm * BM, RANK1,
+                                  True)
         vb = tl.load(vbase + kr[:, None] * krs + cols[None, :], mask=km[:, None], other=0.0)
         acc += tl.dot(wgt.to(DT), vb.to(DT), input_precision=PREC)
         den += tl.sum(wgt, axis=1)
@@ -433,7 +462,7 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
 def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
             T, H, Hq, Tp, N,
             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-            DT: tl.constexpr, PREC: tl.constexpr):
+            DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr):
     NB: tl.constexpr = D_HEAD // 16
     pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
         _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
@@ -463,7 +492,8 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
         bk = tl.load(Bg + bh64 * Tp + kr)
         keep = (rows[:, None] >= kr[None, :]) & km[None, :]
         dw = tl.dot(dnum_dt, vT.to(DT), input_precision=PREC) + dden[:, None]
-        ds = tl.where(keep, 2.0 * dw * s * tl.exp(bq[:, None] - bk[None, :]), 0.0)
+        ds = 2.0 * dw * s * _intra_gate(bq, bk, keep, kb == pm * BM, Bg + bh64 * Tp + pm * BM,
+                                        RANK1, True)
         dq += tl.dot(ds.to(DT), kn.to(DT), input_precision=PREC) * scale
     tl.store(grow[:, None] + cols[None, :], dq, mask=rm[:, None])
     # The state read: u_a = dnum @ S_a^T; added into DQ block by block.
@@ -476,7 +506,7 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
 def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr):
+             DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, RANK1: tl.constexpr):
     """dk and dv of one row block of keys. PART 0 computes both; 1 only dv and 2 only dk
     (two launches with fewer live registers each; the intra-chunk scores are computed twice)."""
     NB: tl.constexpr = D_HEAD // 16
@@ -540,13 +570,13 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
                                 other=0.0).to(tl.float32) / den[None, :]
             sT = tl.dot(k, qT.to(DT), input_precision=PREC) * scale
             keep = (qr[None, :] >= rows[:, None]) & qm[None, :]
-            E = tl.exp(bq[None, :] - bk[:, None])
+            E = _intra_gate(bq, bk, keep, qb == pm * BM, Bg + bh64 * Tp + qb, RANK1, False)
             if DO_V:
-                wT = tl.where(keep, sT * sT * E, 0.0)
+                wT = sT * sT * E
                 dv += tl.dot(wT.to(DT), dnum.to(DT), input_precision=PREC)
             if DO_K:
                 dwT = tl.dot(v, dnumT.to(DT), input_precision=PREC) + dden[None, :]
-                dsT = tl.where(keep, 2.0 * dwT * sT * E, 0.0)
+                dsT = 2.0 * dwT * sT * E
                 dk += tl.dot(dsT.to(DT), qn.to(DT), input_precision=PREC) * scale
     if DO_V:
         dvbase = DV + (b.to(tl.int64) * T * H + h) * D_HEAD

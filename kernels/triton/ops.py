@@ -125,6 +125,11 @@ def _stages(d, dt_tl):
 # 2026-11-30), or one (the scores computed once): RETENTION_TRITON_SPLIT_DKV=0.
 SPLIT_DKV = os.environ.get("RETENTION_TRITON_SPLIT_DKV", "1") == "1"
 
+# The chunked kernels' intra-chunk gate off the diagonal block as a rank-one product, no
+# exponential per pair (chunked._intra_gate), or e^{b_i - b_j} per pair everywhere (the
+# default until timed on a GPU): RETENTION_TRITON_CHUNK_RANK1=1.
+CHUNK_RANK1 = os.environ.get("RETENTION_TRITON_CHUNK_RANK1") == "1"
+
 # Which operand of the state scan's matmuls carries the per-token scale (chunked._scaled_dot):
 # "b" rebuilds the values tile in shared memory per row a, "a" scales x^T in registers.
 SCAN_BSIDE = os.environ.get("RETENTION_TRITON_SCAN_OPERAND", "b") == "b"
@@ -213,7 +218,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     if has_state:
         chunked._out_fwd[(Tp // bm, B * Hq)](
             q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n, D_HEAD=d,
-            DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
+            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     else:
         _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec)
     if want_state:
@@ -281,13 +287,13 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, sc
                                          store_fin=want_dS0)
     chunked._dq_bwd[(Tp // bm, B * Hq)](
         q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
-        D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec,
+        D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
         num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     for part in (1, 2) if SPLIT_DKV else (0,):
         chunked._dkv_bwd[(Tp // bm, B * H)](
             q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
-            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            RANK1=CHUNK_RANK1, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     return dS0i, dZ0i
 
 
