@@ -444,6 +444,9 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
     if Hq % H:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({H})")
     _check_supported(d, q_BTQd.dtype, k_BTHd.dtype, v_BTHd.dtype)
+    if B * Hq > MAX_GRID_Y:   # e.g. a batched prefill of many short prompts
+        return _in_batch_slices(q_BTQd, k_BTHd, v_BTHd, log_g_BTH, scale, chunk_size,
+                                initial_state, return_state)
     if log_g_BTH is None:
         log_g_BTH = q_BTQd.new_zeros(B, T, H, dtype=torch.float32)
     elif tuple(log_g_BTH.shape) != (B, T, H):
@@ -467,6 +470,30 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
     y, _, S, z, _, _ = torch.ops.retention.triton_power_retention_fwd(
         q_BTQd, k_BTHd, v_BTHd, log_g_BTH.float(), S0, z0, scale, chunk, keep, return_state)
     return (y, (S, z)) if return_state else y
+
+
+# The row-block kernels put (batch x heads) on the launch grid's second axis, which CUDA caps
+# at 65,535 programs; larger batches run in slices of the batch.
+MAX_GRID_Y = 65535
+
+
+def _in_batch_slices(q, k, v, log_g, scale, chunk_size, initial_state, return_state):
+    """power_retention over slices of the batch small enough for the grid, concatenated (each
+    sequence's result is the same as in one call)."""
+    step = max(1, MAX_GRID_Y // q.shape[2])
+    ys, Ss, zs = [], [], []
+    for i in range(0, q.shape[0], step):
+        part = slice(i, i + step)
+        out = power_retention(
+            q[part], k[part], v[part], None if log_g is None else log_g[part], scale=scale,
+            chunk_size=chunk_size, return_state=return_state,
+            initial_state=None if initial_state is None else tuple(a[part] for a in initial_state))
+        y, (S, z) = out if return_state else (out, (None, None))
+        ys.append(y)
+        Ss.append(S)
+        zs.append(z)
+    y = torch.cat(ys)
+    return (y, (torch.cat(Ss), torch.cat(zs))) if return_state else y
 
 
 @lru_cache(maxsize=None)

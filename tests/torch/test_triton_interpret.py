@@ -28,7 +28,7 @@ def _run_child(check: str, **extra_env) -> None:
 
 @pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "no_state_out", "chunk_48",
                                    "one_chunk", "one_chunk_state_out", "float16", "decode",
-                                   "api", "checkpointed_compiled_layers"])
+                                   "api", "checkpointed_compiled_layers", "batch_slices"])
 def test_triton_kernels_interpreted(check):
     _run_child(check)
 
@@ -249,6 +249,32 @@ def check_api():
     assert torch.equal(got, loss_y(*leaves))
     assert all(torch.equal(a, b) for a, b in zip(
         torch.autograd.grad(got, leaves), torch.autograd.grad(loss_y(*leaves), leaves)))
+
+def check_batch_slices():
+    """More (batch x query heads) than the launch grid's second axis takes (ops.MAX_GRID_Y,
+    65,535 on CUDA; 4 here): the batch runs in slices, with the same outputs, final states and
+    gradients as one call, bit for bit."""
+    import torch
+
+    from retention.kernels.triton import ops
+
+    q, k, v, log_g, S0 = _case(5, 20, 2, 1, 16, True, True)
+
+    def run(grid_y):
+        ops.MAX_GRID_Y = grid_y
+        leaves = [a.clone().requires_grad_() for a in (q, k, v, log_g, *S0)]
+        y, (S, z) = ops.power_retention(*leaves[:4], chunk_size=16,
+                                        initial_state=tuple(leaves[4:]), return_state=True)
+        (y.sum() + S.square().sum() + z.sum()).backward()
+        return [y, S, z] + [a.grad for a in leaves]
+
+    whole, sliced = run(65535), run(4)   # 4 // 2 heads: slices of 2, 2 and 1 sequences
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
+    ops.MAX_GRID_Y = 4
+    y = ops.power_retention(q, k, v, None)   # no gate, no state: the training call
+    ops.MAX_GRID_Y = 65535
+    assert torch.equal(y, ops.power_retention(q, k, v, None))
+
 
 def check_checkpointed_compiled_layers():
     """The kernel path inside activation checkpointing + per-layer torch.compile traces
