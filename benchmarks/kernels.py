@@ -252,6 +252,18 @@ ATTN_CANDIDATES = {
 }
 
 
+def _time_ms(label, d, Ts, which):
+    """ours at each T (one chunk; which: 0 forward, 1 fwd+bwd) with the settings now in ops,
+    printed as a row; their sum in ms, or None when the setting fails to compile or run."""
+    try:
+        ms = [ours(T, chunk=T, d=d)[which] for T in Ts]
+    except Exception as e:
+        print(f"{label}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
+        return None
+    print(f"{label}: " + ", ".join(f"T={T} {m:.3f} ms" for T, m in zip(Ts, ms)), flush=True)
+    return sum(ms)
+
+
 def attn_tune():
     """Each one-chunk kernel's launch settings in turn, the others at their defaults: forward
     ms for fwd, fwd+bwd ms for dq and dkv, at T=1024 and 4096 (d=64) and T=4096 (d=128).
@@ -268,17 +280,10 @@ def attn_tune():
                     ops.ATTN_BLOCKS[kind][d] = cfg
                     if trans is not None:
                         ops.ATTN_TRANS[kind][d] = trans
-                    try:
-                        ms = [ours(T, chunk=T, d=d)[0 if kind == "fwd" else 1]
-                              for T in shapes[d]]
-                    except Exception as e:
-                        print(f"attn {kind} d={d} {cfg} trans={trans}: failed "
-                              f"{type(e).__name__}: {str(e)[:160]}", flush=True)
-                        continue
-                    print(f"attn {kind} d={d} {cfg} trans={trans}: " + ", ".join(
-                        f"T={T} {m:.3f} ms" for T, m in zip(shapes[d], ms)), flush=True)
-                    if best is None or sum(ms) < best[0]:
-                        best = (sum(ms), cfg, trans)
+                    ms = _time_ms(f"attn {kind} d={d} {cfg} trans={trans}", d, shapes[d],
+                                  0 if kind == "fwd" else 1)
+                    if ms is not None and (best is None or ms < best[0]):
+                        best = (ms, cfg, trans)
             cfg, trans = best[1:] if best else default
             ops.ATTN_BLOCKS[kind][d] = cfg
             if trans is not None:
@@ -301,16 +306,9 @@ def split_tune(ops, d, Ts, joint_ms):
     for cfg in SPLIT_CANDIDATES[d]:
         ops.ATTN_SPLIT_DKV[d] = True
         ops.ATTN_BLOCKS["dv"][d] = ops.ATTN_BLOCKS["dk"][d] = cfg
-        try:
-            ms = [ours(T, chunk=T, d=d)[1] for T in Ts]
-        except Exception as e:
-            print(f"attn split dk/dv d={d} {cfg}: failed {type(e).__name__}: {str(e)[:160]}",
-                  flush=True)
-            continue
-        print(f"attn split dk/dv d={d} {cfg}: " + ", ".join(
-            f"T={T} {m:.3f} ms" for T, m in zip(Ts, ms)), flush=True)
-        if best is None or sum(ms) < best[0]:
-            best = (sum(ms), cfg)
+        ms = _time_ms(f"attn split dk/dv d={d} {cfg}", d, Ts, 1)
+        if ms is not None and (best is None or ms < best[0]):
+            best = (ms, cfg)
     ops.ATTN_SPLIT_DKV[d] = best is not None and best[0] < joint_ms
     if ops.ATTN_SPLIT_DKV[d]:
         ops.ATTN_BLOCKS["dv"][d] = ops.ATTN_BLOCKS["dk"][d] = best[1]

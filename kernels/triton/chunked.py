@@ -366,6 +366,13 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
 
 
 @triton.jit
+def _gram_tile(Zst, bh64, N, n, cols, D_HEAD: tl.constexpr):
+    """The d x d Gram matrix Z (or its gradient) of chunk n of KV head bh64."""
+    return tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
+                   + cols[None, :])
+
+
+@triton.jit
 def _intra_gate(bq, bk, keep, diag, bref_ptr, RANK1: tl.constexpr, QROWS: tl.constexpr):
     """The intra-chunk gate e^{bq_i - bk_j}, 0 where not kept: [queries, keys] if QROWS, else
     [keys, queries]. RANK1, off the diagonal block (every key before every query):
@@ -428,8 +435,7 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
     q = tl.load(qrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
     fq = scale * scale * tl.exp(bq)
     # Denominator's state: phi(q).z = q^T Z q.
-    zt = tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
-                 + cols[None, :])
+    zt = _gram_tile(Zst, bh64, N, n, cols, D_HEAD)
     qz = tl.dot(q.to(DT), zt.to(DT), input_precision=PREC)
     den = fq * tl.sum(qz * q.to(tl.float32), axis=1)
     acc = tl.zeros([BM, D_HEAD], dtype=tl.float32)
@@ -479,8 +485,7 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
     q = tl.load(qrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
     qd = q.to(DT)
     # den = fq q^T Z q (Z symmetric): dq = 2 fq dden Z q.
-    zt = tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
-                 + cols[None, :])
+    zt = _gram_tile(Zst, bh64, N, n, cols, D_HEAD)
     dq = tl.dot(qd, zt.to(DT), input_precision=PREC) * (2.0 * fq * dden)[:, None]
     for kb in range(n * C, pm * BM + BM, BM):
         kr = kb + tl.arange(0, BM)
@@ -535,8 +540,7 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
     dk = tl.zeros([BM, D_HEAD], dtype=tl.float32)
     if DO_K:
         # Keys wrote Z = sum gk k k^T into the state leaving their chunk: dk = 2 gk dZ k.
-        dzt = tl.load(dZst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
-                      + cols[None, :])
+        dzt = _gram_tile(dZst, bh64, N, n, cols, D_HEAD)
         dk = tl.dot(k, dzt.to(DT), input_precision=PREC) * (2.0 * gk)[:, None]
     dv = tl.zeros([BM, D_HEAD], dtype=tl.float32)
     Sb = dSst + (bh64 * N + n) * DINT * D_HEAD

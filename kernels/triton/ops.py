@@ -21,6 +21,9 @@ from .layout import internal_dim, to_canonical, to_internal
 
 BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
 MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-chunk work grows
+# The row-block kernels put (batch x heads) on the launch grid's second axis, which CUDA caps
+# at 65,535 programs; larger batches run in slices of the batch (_in_batch_slices).
+MAX_GRID_Y = 65535
 # Up to this T (by head dim) the default is one chunk, the attention form: fwd+bwd ms against
 # 256-token chunks on an H200 (bf16, 65,536 tokens x 16 heads, 2026-11-30): d=32 7.00 vs 7.99
 # at 4k; d=64 9.70 vs 17.05 at 4k, 18.12 vs 16.90 at 8k (6k interpolates to ~14 vs 17);
@@ -470,11 +473,6 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
     y, _, S, z, _, _ = torch.ops.retention.triton_power_retention_fwd(
         q_BTQd, k_BTHd, v_BTHd, log_g_BTH.float(), S0, z0, scale, chunk, keep, return_state)
     return (y, (S, z)) if return_state else y
-
-
-# The row-block kernels put (batch x heads) on the launch grid's second axis, which CUDA caps
-# at 65,535 programs; larger batches run in slices of the batch.
-MAX_GRID_Y = 65535
 
 
 def _in_batch_slices(q, k, v, log_g, scale, chunk_size, initial_state, return_state):

@@ -395,14 +395,13 @@ def resolve_impl(impl: str, device_or_tensor) -> str:
 # fill the cache, a side effect that activation checkpointing's traced region refuses.
 @torch.compiler.assume_constant_result
 def _resolve(impl: str, device_type: str) -> str:
-    device = torch.device(device_type)
-    key = (impl, device.type)
+    key = (impl, device_type)
     if key in _resolved:
         return _resolved[key]
     choice, why = "ops", "asked for"
     if impl != "ops":
-        if device.type != "cuda" and not (impl == "kernel" and _interpreting()):
-            why = f"the Triton kernels need CUDA tensors, got {device.type}"
+        if device_type != "cuda" and not (impl == "kernel" and _interpreting()):
+            why = f"the Triton kernels need CUDA tensors, got {device_type}"
         else:
             kernel, why = _kernel_module()
             if kernel is not None:
@@ -411,7 +410,7 @@ def _resolve(impl: str, device_type: str) -> str:
         if impl == "kernel" and choice == "ops":
             _warn_once(key, f"power_retention(impl='kernel'): {why}; falling back to the ops path")
     _resolved[key] = choice
-    logger.info("power retention on %s: %s path (impl=%r: %s)", device.type, choice, impl, why)
+    logger.info("power retention on %s: %s path (impl=%r: %s)", device_type, choice, impl, why)
     return choice
 
 
