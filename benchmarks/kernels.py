@@ -210,7 +210,7 @@ def tune():
     variants = [("default", {}),
                 ("intra-chunk rank-one gate", dict(CHUNK_RANK1=True)),
                 ("scan 64-token steps", dict(_scan_step=step64(2))),
-                ("dk and dv in one launch", dict(SPLIT_DKV=False)),
+                ("dk and dv in two launches", dict(SPLIT_DKV={d: True for d in (64, 128)})),
                 ("forward scan 4 rows/program", dict(_row_group=fwd4))]
     for name, knobs in variants:
         for key, val in knobs.items():
@@ -247,7 +247,7 @@ ATTN_CANDIDATES = {
                 (64, 64, 8, 3)],
            128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)]},
     "dkv": {64: [(64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 4, 3),
-                 (32, 32, 4, 3)],
+                 (32, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3)],
             128: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 2)]},
 }
 

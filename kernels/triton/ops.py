@@ -124,9 +124,13 @@ def _stages(d, dt_tl):
     return 2 if d >= 128 or dt_tl == tl.float32 else 3
 
 
-# dk and dv of the keys in two launches with fewer live registers each (1.5-2.5% faster; H200,
-# 2026-11-30), or one (the scores computed once): RETENTION_TRITON_SPLIT_DKV=0.
-SPLIT_DKV = os.environ.get("RETENTION_TRITON_SPLIT_DKV", "1") == "1"
+# dk and dv of the keys in one launch, or two with fewer live registers each. At d=64 two were
+# 2% faster, but their 3-stage dv launch gave run-to-run different dv on an H200 with triton
+# 3.6 (2-3 of 8-16 runs; never the joint launch or 2-stage ones: gpu_check.py --only
+# deterministic), so one launch below d=128; d=128 (2 stages) keeps two.
+# RETENTION_TRITON_SPLIT_DKV=0|1 forces either everywhere.
+_SPLIT_ENV = os.environ.get("RETENTION_TRITON_SPLIT_DKV")
+SPLIT_DKV = {d: _SPLIT_ENV == "1" if _SPLIT_ENV else d >= 128 for d in (16, 32, 64, 128)}
 
 # The chunked kernels' intra-chunk gate off the diagonal block as a rank-one product, no
 # exponential per pair (chunked._intra_gate), or e^{b_i - b_j} per pair everywhere (the
@@ -146,6 +150,19 @@ def _row_group(d, reverse=False):
     if env and env not in ("1", "2", "4"):
         raise ValueError(f"RETENTION_TRITON_SCAN_ROWS must be 1, 2 or 4, got {env!r}")
     return int(env) if env else (4 if d >= 128 and not reverse else 2)
+
+
+def _scan_values(d):
+    """Value columns per state-scan program: 64 (or d when smaller).
+    RETENTION_TRITON_SCAN_BV overrides (a power of two from 16 up to min(d, 64)): smaller
+    tiles mean more programs, for batches whose B x H leaves the last wave short."""
+    env = os.environ.get("RETENTION_TRITON_SCAN_BV")
+    if env:
+        if env not in ("16", "32", "64") or int(env) > d:
+            raise ValueError(f"RETENTION_TRITON_SCAN_BV must be 16, 32 or 64 and at most the "
+                             f"head dim {d}, got {env!r}")
+        return int(env)
+    return min(d, 64)
 
 
 def _scan_step(chunk, d):
@@ -173,7 +190,7 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
     else:   # unused pointers
         SF, ZF = Zst, Zst
     ag = _row_group(d, reverse)
-    bv = min(d, 64)
+    bv = _scan_values(d)
     has_init = init_S is not None
     bk, stages = _scan_step(chunk, d)
     chunked._state_scan[(B * H * (d // bv), d // ag + 1)](
@@ -292,7 +309,7 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, sc
         q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
         D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
         num_warps=_warps(d), num_stages=_stages(d, dt_tl))
-    for part in (1, 2) if SPLIT_DKV else (0,):
+    for part in (1, 2) if SPLIT_DKV[d] else (0,):
         chunked._dkv_bwd[(Tp // bm, B * H)](
             q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
