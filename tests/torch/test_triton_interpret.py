@@ -28,7 +28,8 @@ def _run_child(check: str, **extra_env) -> None:
 
 @pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "no_state_out", "chunk_48",
                                    "one_chunk", "one_chunk_state_out", "float16", "decode",
-                                   "api", "checkpointed_compiled_layers", "batch_slices"])
+                                   "api", "checkpointed_compiled_layers", "batch_slices",
+                                   "partial_outputs"])
 def test_triton_kernels_interpreted(check):
     _run_child(check)
 
@@ -250,6 +251,38 @@ def check_api():
     assert torch.equal(got, loss_y(*leaves))
     assert all(torch.equal(a, b) for a, b in zip(
         torch.autograd.grad(got, leaves), torch.autograd.grad(loss_y(*leaves), leaves)))
+
+
+def check_partial_outputs():
+    """Losses on part of the outputs (y alone with the state returned; S alone, y unused)
+    match autograd through the float64 attention form, and the outputs nobody differentiates
+    get no zero-filled gradient: at 64k x 16 heads the per-chunk states' would be 1.3 GB
+    allocated and written on every backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from retention.kernels.triton import ops
+    from retention.kernels.triton.testing import attention_form
+
+    B, T, d, chunk = 1, 40, 16, 16
+    q, k, v, log_g, _ = _case(B, T, 2, 1, d, True, False)
+    states_shape = [B, -(-T // chunk), ops.internal_dim(d), d]   # [B*H, chunks, D_int, d]
+    for use in ("y", "S"):
+        leaves = [a.clone().requires_grad_() for a in (q, k, v, log_g)]
+        gold = [a.detach().double().requires_grad_() for a in leaves]
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            y, (S, z) = ops.power_retention(*leaves, chunk_size=chunk, return_state=True)
+            (y.sum() if use == "y" else S.sum()).backward()
+        gy, (gS, _) = attention_form(*gold)
+        (gy.sum() if use == "y" else gS.sum()).backward()
+        for a, b in zip(leaves, gold):
+            if b.grad is None:   # S does not depend on q
+                assert a.grad is None or not a.grad.any(), use
+                continue
+            assert _rel(a.grad, b.grad) < 1e-5, (use, tuple(a.shape), _rel(a.grad, b.grad))
+        fills = [e.input_shapes for e in prof.key_averages(group_by_input_shape=True)
+                 if e.key in ("aten::zero_", "aten::fill_")]
+        assert not any(shapes and list(shapes[0]) == states_shape for shapes in fills), fills
+
 
 def check_batch_slices():
     """More (batch x query heads) than the launch grid's second axis takes (ops.MAX_GRID_Y,
