@@ -202,7 +202,7 @@ def tune():
     (docs/kernels_gpu_log.md); chunk sizes: --sweep."""
     from retention.kernels.triton import ops
 
-    names = ("BLOCK_M", "_warps", "_stages", "_row_group", "SPLIT_DKV", "_scan_step",
+    names = ("BLOCK_M", "_warps", "_stages", "_row_group", "DKV_LAUNCH", "_scan_step",
              "CHUNK_RANK1")
     base = {n: getattr(ops, n) for n in names}
     step64 = lambda stages: (lambda c, d: (64 if c % 64 == 0 else 16, stages))
@@ -210,7 +210,9 @@ def tune():
     variants = [("default", {}),
                 ("intra-chunk rank-one gate", dict(CHUNK_RANK1=True)),
                 ("scan 64-token steps", dict(_scan_step=step64(2))),
-                ("dk and dv in two launches", dict(SPLIT_DKV={d: True for d in (64, 128)})),
+                ("dk and dv in two launches", dict(DKV_LAUNCH={d: "split" for d in (64, 128)})),
+                ("dv then dk in one program",
+                 dict(DKV_LAUNCH={d: "sequential" for d in (64, 128)})),
                 ("forward scan 4 rows/program", dict(_row_group=fwd4))]
     for name, knobs in variants:
         for key, val in knobs.items():

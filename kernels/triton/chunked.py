@@ -512,11 +512,27 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, RANK1: tl.constexpr):
-    """dk and dv of one row block of keys. PART 0 computes both; 1 only dv and 2 only dk
-    (two launches with fewer live registers each; the intra-chunk scores are computed twice)."""
+    """dk and dv of one row block of keys. PART 0 computes both in one pass; 1 only dv and 2
+    only dk (two launches with fewer live registers each; the intra-chunk scores are computed
+    twice); 3 the dv pass and then the dk pass in one program (one launch, one accumulator
+    live at a time)."""
+    if PART == 3:
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, Tp, N,
+                  D_HEAD, DINT, C, BM, DT, PREC, RANK1, True, False)
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, Tp, N,
+                  D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True)
+    else:
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, Tp, N,
+                  D_HEAD, DINT, C, BM, DT, PREC, RANK1, PART != 2, PART != 1)
+
+
+@triton.jit
+def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, Tp, N,
+              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+              DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr, DO_V: tl.constexpr,
+              DO_K: tl.constexpr):
+    """The body of _dkv_bwd: dv when DO_V, dk when DO_K, over the same key rows."""
     NB: tl.constexpr = D_HEAD // 16
-    DO_V: tl.constexpr = PART != 2
-    DO_K: tl.constexpr = PART != 1
     pm = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

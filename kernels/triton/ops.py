@@ -71,13 +71,13 @@ ATTN_BLOCKS = {
     "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3)},
     "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dkv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 32, 4, 2)},
-    # dv and dk in two launches (ATTN_SPLIT_DKV): untimed guesses, fewer live registers each
-    "dv": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},
-    "dk": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},
+    # dv and dk in two launches (ATTN_SPLIT_DKV): --attn-tune's fastest split settings
+    "dv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 64, 4, 2)},
+    "dk": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 64, 4, 2)},
 }
 # The one-chunk dk/dv in one launch (False) or two, dv then dk (True: the scores computed
-# twice, fewer live registers each; not yet timed on a GPU). RETENTION_TRITON_ATTN_SPLIT_DKV=1
-# forces two everywhere.
+# twice, fewer live registers each; 25-27% slower by --attn-tune on an H200, 2026-11-30).
+# RETENTION_TRITON_ATTN_SPLIT_DKV=1 forces two everywhere.
 ATTN_SPLIT_DKV = {d: os.environ.get("RETENTION_TRITON_ATTN_SPLIT_DKV") == "1"
                   for d in (16, 32, 64, 128)}
 # The backward's transposed operands, by kernel and head dim: tl.trans of loaded tiles (True:
@@ -124,13 +124,18 @@ def _stages(d, dt_tl):
     return 2 if d >= 128 or dt_tl == tl.float32 else 3
 
 
-# dk and dv of the keys in one launch, or two with fewer live registers each. At d=64 two were
-# 2% faster, but their 3-stage dv launch gave run-to-run different dv on an H200 with triton
-# 3.6 (2-3 of 8-16 runs; never the joint launch or 2-stage ones: gpu_check.py --only
-# deterministic), so one launch below d=128; d=128 (2 stages) keeps two.
-# RETENTION_TRITON_SPLIT_DKV=0|1 forces either everywhere.
-_SPLIT_ENV = os.environ.get("RETENTION_TRITON_SPLIT_DKV")
-SPLIT_DKV = {d: _SPLIT_ENV == "1" if _SPLIT_ENV else d >= 128 for d in (16, 32, 64, 128)}
+# dk and dv of the keys: "joint" (one pass, both accumulators live), "split" (a dv launch, then
+# a dk launch: fewer live registers each, the intra-chunk scores computed twice) or
+# "sequential" (those two passes one after the other in one program; not yet timed). At d=64
+# split was 2% faster than joint, but its 3-stage dv launch gave run-to-run different dv on
+# an H200 with triton 3.6 (2-3 of 8-16 runs; never joint or 2-stage launches: gpu_check.py
+# --only deterministic), so joint below d=128; d=128 (2 stages) keeps split.
+# RETENTION_TRITON_DKV=joint|split|sequential forces one everywhere.
+DKV_PARTS = {"joint": (0,), "split": (1, 2), "sequential": (3,)}
+_DKV_ENV = os.environ.get("RETENTION_TRITON_DKV")
+if _DKV_ENV is not None and _DKV_ENV not in DKV_PARTS:
+    raise ValueError(f"RETENTION_TRITON_DKV must be one of {sorted(DKV_PARTS)}, got {_DKV_ENV!r}")
+DKV_LAUNCH = {d: _DKV_ENV or ("split" if d >= 128 else "joint") for d in (16, 32, 64, 128)}
 
 # The chunked kernels' intra-chunk gate off the diagonal block as a rank-one product, no
 # exponential per pair (chunked._intra_gate), or e^{b_i - b_j} per pair everywhere (the
@@ -309,7 +314,7 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, sc
         q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
         D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
         num_warps=_warps(d), num_stages=_stages(d, dt_tl))
-    for part in (1, 2) if SPLIT_DKV[d] else (0,):
+    for part in DKV_PARTS[DKV_LAUNCH[d]]:
         chunked._dkv_bwd[(Tp // bm, B * H)](
             q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
