@@ -35,3 +35,28 @@ def test_short_sequences_run_as_one_chunk(monkeypatch):
     assert kernel_chunk(1000, None, 64, stateless=False) == 256
     monkeypatch.setenv("RETENTION_TRITON_QUADRATIC_MAX", "0")   # off: chunks everywhere
     assert kernel_chunk(1000, None, 64) == 256
+
+
+def test_launch_knobs_defaults_and_bad_values(monkeypatch):
+    """The dk/dv launch and the scan's value tile: defaults by head dim, and a bad setting
+    is an error naming the variable, not a silent fallback."""
+    import os
+    import subprocess
+    import sys
+
+    from retention.kernels.triton import ops
+
+    monkeypatch.delenv("RETENTION_TRITON_SCAN_BV", raising=False)
+    assert (ops._scan_values(32), ops._scan_values(64), ops._scan_values(128)) == (32, 64, 64)
+    monkeypatch.setenv("RETENTION_TRITON_SCAN_BV", "32")
+    assert ops._scan_values(64) == 32
+    for bad in ("48", "64"):
+        monkeypatch.setenv("RETENTION_TRITON_SCAN_BV", bad)
+        with pytest.raises(ValueError, match="RETENTION_TRITON_SCAN_BV"):
+            ops._scan_values(32)
+    if "RETENTION_TRITON_DKV" not in os.environ:
+        assert ops.DKV_LAUNCH == {16: "joint", 32: "joint", 64: "joint", 128: "split"}
+    proc = subprocess.run([sys.executable, "-c", "import retention.kernels.triton.ops"],
+                          env=dict(os.environ, RETENTION_TRITON_DKV="both"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "RETENTION_TRITON_DKV must be one of" in proc.stderr
