@@ -197,17 +197,21 @@ def scan_variants():
 def tune():
     """Settings of the chunked kernels (ops module knobs) against the defaults, fwd+bwd ms in
     256-token chunks at d=64 (T=4096 and 65536) and d=128 (T=4096, the 7B preset's head dim),
-    including the rank-one intra-chunk gate (ops.CHUNK_RANK1). Row blocks of 64
+    including the rank-one intra-chunk gate (ops.CHUNK_RANK1), the scan's rows in pairs
+    (ops.SCAN_PAIR) and the dk/dv launch forms (ops.DKV_LAUNCH). Row blocks of 64
     with 4 warps and 3 stages won against 128-row blocks and 8 warps on 2026-11-30
     (docs/kernels_gpu_log.md); chunk sizes: --sweep."""
     from retention.kernels.triton import ops
 
     names = ("BLOCK_M", "_warps", "_stages", "_row_group", "DKV_LAUNCH", "_scan_step",
-             "CHUNK_RANK1")
+             "CHUNK_RANK1", "SCAN_PAIR")
     base = {n: getattr(ops, n) for n in names}
     step64 = lambda stages: (lambda c, d: (64 if c % 64 == 0 else 16, stages))
     fwd4 = lambda d, reverse=False: 2 if reverse else 4
     variants = [("default", {}),
+                ("scan rows in pairs", dict(SCAN_PAIR=True)),
+                ("scan rows in pairs, 4 per program",
+                 dict(SCAN_PAIR=True, _row_group=lambda d, reverse=False: 4)),
                 ("intra-chunk rank-one gate", dict(CHUNK_RANK1=True)),
                 ("scan 64-token steps", dict(_scan_step=step64(2))),
                 ("dk and dv in two launches", dict(DKV_LAUNCH={d: "split" for d in (64, 128)})),

@@ -53,29 +53,75 @@ def _scaled_dot(xT, yb, scale_t, acc, BSIDE: tl.constexpr, DT: tl.constexpr,
                       input_precision=PREC)
 
 
+@triton.jit
+def _store_rows(ptr, acc, wcol, smask, row_step, PAIR: tl.constexpr):
+    """Store an accumulator times the feature weights: one row a, or (PAIR) two side by side
+    (interleaved columns, _paired_dot), the second row_step elements after the first."""
+    if PAIR:
+        a, b = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
+        tl.store(ptr, (a * wcol).to(ptr.dtype.element_ty), mask=smask)
+        tl.store(ptr + row_step, (b * wcol).to(ptr.dtype.element_ty), mask=smask)
+    else:
+        tl.store(ptr, (acc * wcol).to(ptr.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _store_accs(ptr, acc0, acc1, acc2, acc3, wcol, smask, row_step, NS: tl.constexpr,
+                PAIR: tl.constexpr):
+    """Store a program's NS accumulators, rows a in order from ptr (_store_rows each)."""
+    RP: tl.constexpr = 2 if PAIR else 1
+    _store_rows(ptr, acc0, wcol, smask, row_step, PAIR)
+    if NS > 1:
+        _store_rows(ptr + RP * row_step, acc1, wcol, smask, row_step, PAIR)
+    if NS > 2:
+        _store_rows(ptr + 2 * row_step, acc2, wcol, smask, row_step, PAIR)
+        _store_rows(ptr + 3 * row_step, acc3, wcol, smask, row_step, PAIR)
+
+
+@triton.jit
+def _load_rows(ptr, wcol, smask, row_step, PAIR: tl.constexpr):
+    """The inverse of _store_rows: unweighted float32 rows."""
+    a = tl.load(ptr, mask=smask, other=0.0) / wcol
+    if PAIR:
+        b = tl.load(ptr + row_step, mask=smask, other=0.0) / wcol
+        return tl.reshape(tl.join(a, b), [a.shape[0], 2 * a.shape[1]])
+    return a
+
+
+@triton.jit
+def _paired_dot(xT, yb, s0, s1, acc, DT: tl.constexpr, PREC: tl.constexpr):
+    """acc += x^T [diag(s0) y | diag(s1) y], the two scaled values tiles interleaved by column
+    (column 2v + j is tile j's column v): one dot of twice the width instead of two."""
+    y2 = tl.reshape(tl.join((yb * s0[:, None]).to(DT), (yb * s1[:, None]).to(DT)),
+                    [yb.shape[0], 2 * yb.shape[1]])
+    return tl.dot(xT.to(DT), y2, acc, input_precision=PREC)
+
+
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
 def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, scale,
                 T, H, Hq, Tp, N,
                 D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                 AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
-                STORE_FIN: tl.constexpr):
+                STORE_FIN: tl.constexpr, PAIR: tl.constexpr = False):
     """Forward (X = k, Yv = v): Sst[n] = state entering chunk n, FIN = final state.
     REVERSE (X = q, Yv = dy, over the group's query heads): Sst[n] = gradient of the state
     leaving chunk n, FIN = gradient of the initial state. Program axis 0: groups of AG rows a
     (all in one 16-block), the last one the Gram matrix Z (rows a = all of d, unweighted).
     The two kinds of program are separate static paths, so each token loop is pipelined.
     STORE_FIN: write FIN (a [B*H, Di, d] float32 store: skipped when nobody reads it).
+    PAIR (with BSIDE, AG even): rows a come in pairs whose values tiles sit side by side, one
+    [d, 2 BV] accumulator and one dot of twice the width per pair instead of two.
     Grid (B*H*NV, NAG + 1): blocks launch x-fastest, so the cheap Gram programs come last and
     fill the tail of the last wave."""
     if tl.program_id(1) == D_HEAD // AG:
         _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_Z, Zst, FIN_Z, scale, T, H, Hq, Tp, N,
                    D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
-                   True)
+                   True, False)
     else:
         _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
                    D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
-                   False)
+                   False, PAIR)
 
 
 @triton.jit
@@ -83,8 +129,11 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
                D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
-               STORE_FIN: tl.constexpr, IS_Z: tl.constexpr):
+               STORE_FIN: tl.constexpr, IS_Z: tl.constexpr, PAIR: tl.constexpr):
     NV: tl.constexpr = D_HEAD // BV
+    RP: tl.constexpr = 2 if PAIR else 1          # rows a per accumulator
+    NS: tl.constexpr = 1 if IS_Z else AG // RP   # accumulators
+    SW: tl.constexpr = RP * BV                   # accumulator width (PAIR: two rows a)
     g = tl.program_id(1)
     bh = tl.program_id(0) // NV
     pv = tl.program_id(0) % NV
@@ -114,20 +163,20 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
         srow = 16 * (I * D_HEAD - 8 * I * (I - 1)) + (a0 - 16 * I) * W + r
     smask = (r < W)[:, None] & (vc < D_HEAD)[None, :]
     sptr = srow[:, None] * D_HEAD + vc[None, :]
+    ROW = W * D_HEAD          # from one row a's stored features to the next's
     wcol = wrow[:, None]      # the accumulators hold unweighted rows; weights on load/store
-    acc0 = tl.zeros([D_HEAD, BV], dtype=tl.float32)
+    acc0 = tl.zeros([D_HEAD, SW], dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
     if HAS_INIT:
         ib = INIT + bh64 * LEN * D_HEAD + sptr
-        acc0 = tl.load(ib, mask=smask, other=0.0) / wcol
-        if not IS_Z:
-            if AG > 1:
-                acc1 = tl.load(ib + W * D_HEAD, mask=smask, other=0.0) / wcol
-            if AG > 2:
-                acc2 = tl.load(ib + 2 * W * D_HEAD, mask=smask, other=0.0) / wcol
-                acc3 = tl.load(ib + 3 * W * D_HEAD, mask=smask, other=0.0) / wcol
+        acc0 = _load_rows(ib, wcol, smask, ROW, PAIR)
+        if NS > 1:
+            acc1 = _load_rows(ib + RP * ROW, wcol, smask, ROW, PAIR)
+        if NS > 2:
+            acc2 = _load_rows(ib + 2 * ROW, wcol, smask, ROW, PAIR)
+            acc3 = _load_rows(ib + 3 * ROW, wcol, smask, ROW, PAIR)
     if REVERSE:
         xrs = Hq * D_HEAD
         nrep = RG
@@ -152,17 +201,8 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
             n = j // per_chunk
             if REVERSE:
                 n = N - 1 - n
-            ob = Sst + (bh64 * N + n) * LEN * D_HEAD + sptr
-            tl.store(ob, (acc0 * wcol).to(Sst.dtype.element_ty), mask=smask)
-            if not IS_Z:
-                if AG > 1:
-                    tl.store(ob + W * D_HEAD, (acc1 * wcol).to(Sst.dtype.element_ty),
-                             mask=smask)
-                if AG > 2:
-                    tl.store(ob + 2 * W * D_HEAD, (acc2 * wcol).to(Sst.dtype.element_ty),
-                             mask=smask)
-                    tl.store(ob + 3 * W * D_HEAD, (acc3 * wcol).to(Sst.dtype.element_ty),
-                             mask=smask)
+            _store_accs(Sst + (bh64 * N + n) * LEN * D_HEAD + sptr, acc0, acc1, acc2, acc3,
+                        wcol, smask, ROW, NS, PAIR)
             decay = tl.exp(blast_j)
             acc0 *= decay
             acc1 *= decay
@@ -192,6 +232,10 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
                      mask=tmj[:, None], other=0.0).to(tl.float32)
         if IS_Z:
             acc0 = _scaled_dot(xT, yb, fac, acc0, BSIDE, DT, PREC)
+        elif PAIR:
+            acc0 = _paired_dot(xT, yb, xa0 * fac, xa1 * fac, acc0, DT, PREC)
+            if NS > 1:
+                acc1 = _paired_dot(xT, yb, xa2 * fac, xa3 * fac, acc1, DT, PREC)
         else:
             acc0 = _scaled_dot(xT, yb, xa0 * fac, acc0, BSIDE, DT, PREC)
             if AG > 1:
@@ -200,14 +244,8 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
                 acc2 = _scaled_dot(xT, yb, xa2 * fac, acc2, BSIDE, DT, PREC)
                 acc3 = _scaled_dot(xT, yb, xa3 * fac, acc3, BSIDE, DT, PREC)
     if STORE_FIN:   # skipped when nobody reads it (no state returned / no initial state)
-        fb = FIN + bh64 * LEN * D_HEAD + sptr
-        tl.store(fb, acc0 * wcol, mask=smask)
-        if not IS_Z:
-            if AG > 1:
-                tl.store(fb + W * D_HEAD, acc1 * wcol, mask=smask)
-            if AG > 2:
-                tl.store(fb + 2 * W * D_HEAD, acc2 * wcol, mask=smask)
-                tl.store(fb + 3 * W * D_HEAD, acc3 * wcol, mask=smask)
+        _store_accs(FIN + bh64 * LEN * D_HEAD + sptr, acc0, acc1, acc2, acc3, wcol, smask, ROW,
+                    NS, PAIR)
 
 
 @triton.jit

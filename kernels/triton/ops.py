@@ -146,6 +146,11 @@ CHUNK_RANK1 = os.environ.get("RETENTION_TRITON_CHUNK_RANK1") == "1"
 # "b" rebuilds the values tile in shared memory per row a, "a" scales x^T in registers.
 SCAN_BSIDE = os.environ.get("RETENTION_TRITON_SCAN_OPERAND", "b") == "b"
 
+# With operand "b" and an even number of rows per program: the rows' scaled values tiles side
+# by side, one dot of twice the width per pair of rows (chunked._paired_dot), or one dot per
+# row (the default until timed on a GPU): RETENTION_TRITON_SCAN_PAIR=1.
+SCAN_PAIR = os.environ.get("RETENTION_TRITON_SCAN_PAIR") == "1"
+
 
 def _row_group(d, reverse=False):
     """Rows a per state-scan program (accumulators of [d, 64]): 2, except 4 in the forward scan
@@ -204,7 +209,7 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
         T, H, Hq, n * chunk, n,
         D_HEAD=d, DINT=Di, C=chunk, BK=bk, AG=ag, BV=bv, DT=dt_tl, PREC=prec,
         HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, STORE_FIN=store_fin,
-        num_warps=8, num_stages=stages)
+        PAIR=SCAN_PAIR and SCAN_BSIDE and ag % 2 == 0, num_warps=8, num_stages=stages)
     return (Sst, Zst, SF, ZF) if store_fin else (Sst, Zst, None, None)
 
 
