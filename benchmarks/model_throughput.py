@@ -55,8 +55,8 @@ SEQS = (1024, 4096, 16384, 65536)
 MODELS = ("retention", "llama")
 # Our Triton kernels appear in a profile under their function names (kernels/triton/); the
 # names are also read from the package at profile time, so renamed kernels still count.
-RETENTION_KERNELS = ("_state_scan", "_out_fwd", "_dq_bwd", "_dkv_bwd", "_row_delta",
-                     "_finish_grads", "_step")
+RETENTION_KERNELS = ("_attn_fwd", "_attn_dq", "_attn_dkv", "_state_scan", "_out_fwd",
+                     "_dq_bwd", "_dkv_bwd", "_row_delta", "_finish_grads", "_step")
 # Kernel families for the profile summary: (family, substrings of the name), first match wins.
 KERNEL_FAMILIES = (
     ("attention (flash)", ("flash", "fmha")),
@@ -64,6 +64,7 @@ KERNEL_FAMILIES = (
                 "aten::mm", "aten::bmm", "aten::addmm")),
     ("torch.compile (Inductor Triton)", ("triton_",)),
     ("AdamW", ("adam",)),
+    ("communication (NCCL)", ("nccl",)),
     ("cross entropy / softmax", ("softmax", "nll_loss", "cross_entropy")),
     ("reductions / norms", ("reduce", "norm")),
     ("elementwise / copies", ("elementwise", "vectorized", "copy", "fill", "cat", "index",

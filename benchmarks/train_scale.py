@@ -93,8 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results (rank 0) to this file")
     p.add_argument("--profile", action="store_true",
-                   help="after the timed steps, profile one more step (torch profiler, CUDA "
-                        "kernels) and print where its time goes (rank 0)")
+                   help="after the timed steps, profile one more step (torch profiler: CUDA "
+                        "kernels, or operators on the CPU) and print where its time goes")
     return p.parse_args(argv)
 
 
@@ -140,33 +140,30 @@ def report_oom(torch, device, ranks, phase: str, error: BaseException, args, rec
 
 
 def profile_step(torch, trainer, batch, lr, device, ranks) -> None:
-    """One more step under the torch profiler: the CUDA kernels by total time, and the share
-    of matmuls (gemm), the retention kernels (_attn, _state_scan, ...), flash/elementwise."""
+    """One more step under the torch profiler: its kernels (operators on the CPU) by kernel
+    family and the top 25, classified as model_throughput.py's profile does."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from model_throughput import top_kernels
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         trainer.train_step(batch, lr)
-        torch.cuda.synchronize(device)
+        if cuda:
+            torch.cuda.synchronize(device)
     if not ranks.main:
         return
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events)
-    groups = {"matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "wgmma"),
-              "retention kernels": ("_attn_", "_state_scan", "_out_fwd", "_dq_bwd", "_dkv_bwd",
-                                    "_row_delta", "_finish_grads"),
-              "loss": ("_ce_",), "optimizer": ("adam", "Adam"),
-              "communication": ("nccl",)}
-    shares = {g: 0.0 for g in groups}
-    for e in events:
-        for g, keys in groups.items():
-            if any(k in e.key for k in keys):
-                shares[g] += e.device_time_total
-                break
-    say(ranks, f"-- profiled step: {total / 1e3:.1f} ms of CUDA kernels; " + ", ".join(
-        f"{g} {100 * t / total:.1f}%" for g, t in shares.items())
-        + f", other {100 * (total - sum(shares.values())) / total:.1f}%")
-    say(ranks, prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
-                                         max_name_column_width=60))
+    top, total, events = top_kernels(prof, cuda, n=25)
+    families: dict[str, float] = {}
+    for r in events:
+        families[r["family"]] = families.get(r["family"], 0.0) + r["total_ms"]
+    say(ranks, f"-- profiled step: {total:.1f} ms of {'CUDA kernels' if cuda else 'operators'}; "
+        + ", ".join(f"{f} {100 * ms / total:.1f}%"
+                    for f, ms in sorted(families.items(), key=lambda kv: -kv[1])))
+    for r in top:
+        say(ranks, f"  {r['total_ms']:9.2f} ms  {r['share']:6.1%}  {r['calls']:5d}x  "
+                   f"{r['family']:32s} {r['name'][:90]}")
 
 
 def local_numel(t) -> int:
@@ -270,7 +267,7 @@ def main(argv=None) -> int:
             f"grad norm {result['grad_norm']:.3f}, peak {peak or 0:.2f} GiB "
             f"(rank {ranks.rank})")
 
-    if args.profile and device.type == "cuda":
+    if args.profile:
         profile_step(torch, trainer, micro_batches(), args.lr, device, ranks)
     # Per GPU: the slowest rank's mean step, the largest rank's memory.
     mem = memory_now(torch, device)

@@ -1,5 +1,5 @@
-"""benchmarks/train_scale.py runs end to end on the CPU (tiny preset, 2 steps): the table row
-and the JSON fields; an out-of-memory error is reported with exit status 2 and a JSON record."""
+"""benchmarks/train_scale.py runs end to end on the CPU (tiny preset, 2 steps): the table row,
+the JSON fields and the --profile summary; an out-of-memory error is reported with exit status 2 and a JSON record."""
 import json
 import os
 import subprocess
@@ -15,10 +15,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def test_one_process_prints_the_row_and_writes_the_json(tmp_path):
     out = tmp_path / "row.json"
     run = subprocess.run([sys.executable, str(SCRIPT), *ARGS, "--activation-checkpointing",
-                          "--fused-adamw", "--json", str(out)], capture_output=True, text=True,
-                         timeout=120, env=ENV)
+                          "--fused-adamw", "--json", str(out), "--profile"], capture_output=True,
+                         text=True, timeout=120, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "step 1/2 (warmup)" in run.stdout and "step 2/2 (timed)" in run.stdout
+    # --profile: one more step, its operators by family (model_throughput's classification)
+    assert "-- profiled step:" in run.stdout and "matmul" in run.stdout
     rows = [line for line in run.stdout.splitlines() if line.startswith("| tiny |")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
