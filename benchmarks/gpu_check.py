@@ -37,9 +37,9 @@ except ImportError:                                   # ops path absent: bf16 at
 NAMES = ("y", "S", "z", "dq", "dk", "dv", "dlog_g", "dS0", "dz0")
 
 
-def make_case(B, T, Hq, H, d, gates, state, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)
+def make_case(B, T, Hq, H, d, gates, state, dtype, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=device, generator=g)
     q, k, v = rnd(B, T, Hq, d).to(dtype), rnd(B, T, H, d).to(dtype), rnd(B, T, H, d).to(dtype)
     log_g = F.logsigmoid(3.0 + rnd(B, T, H)) if gates else None
     S0 = None
@@ -57,12 +57,12 @@ def run(fn, q, k, v, log_g, S0, cast, seed):
            for a in (q, k, v, log_g, *(S0 or (None, None)))]
     qq, kk, vv, lg, s0, z0 = ins
     y, (S, z) = fn(qq, kk, vv, lg, (s0, z0) if s0 is not None else None)
-    g = torch.Generator(device="cuda").manual_seed(seed + 1)
-    gy = torch.randn(y.shape, device="cuda", generator=g)
+    g = torch.Generator(device=y.device).manual_seed(seed + 1)
+    gy = torch.randn(y.shape, device=y.device, generator=g)
     loss = (y.double() * gy).sum()
     if S is not None:   # None: the call asked for no final state (training's call)
-        gS = torch.randn(S.shape, device="cuda", generator=g) * 1e-3
-        gz = torch.randn(z.shape, device="cuda", generator=g) * 1e-3
+        gS = torch.randn(S.shape, device=y.device, generator=g) * 1e-3
+        gz = torch.randn(z.shape, device=y.device, generator=g) * 1e-3
         loss = loss + (S.double() * gS).sum() + (z.double() * gz).sum()
     grads = torch.autograd.grad(loss, [a for a in ins if a is not None])
     it = iter(grads)
