@@ -153,9 +153,9 @@ def kernel_resources():
     from retention.kernels.triton import attention, chunked, rowwise
 
     for module, name in ((attention, "_attn_fwd"), (attention, "_attn_dq"),
-                         (attention, "_attn_dkv"), (chunked, "_state_scan"), (chunked, "_out_fwd"), (chunked, "_dq_bwd"),
-                         (chunked, "_dkv_bwd"), (rowwise, "_row_delta"),
-                         (rowwise, "_finish_grads")):
+                         (attention, "_attn_dkv"), (chunked, "_state_scan"),
+                         (chunked, "_out_fwd"), (chunked, "_dq_bwd"), (chunked, "_dkv_bwd"),
+                         (rowwise, "_row_delta"), (rowwise, "_finish_grads")):
         try:
             for cache in getattr(module, name).device_caches.values():
                 for k in cache[0].values():

@@ -74,8 +74,8 @@ def _store_accs(ptr, acc0, acc1, acc2, acc3, wcol, smask, row_step, NS: tl.const
     if NS > 1:
         _store_rows(ptr + RP * row_step, acc1, wcol, smask, row_step, PAIR)
     if NS > 2:
-        _store_rows(ptr + 2 * row_step, acc2, wcol, smask, row_step, PAIR)
-        _store_rows(ptr + 3 * row_step, acc3, wcol, smask, row_step, PAIR)
+        _store_rows(ptr + 2 * RP * row_step, acc2, wcol, smask, row_step, PAIR)
+        _store_rows(ptr + 3 * RP * row_step, acc3, wcol, smask, row_step, PAIR)
 
 
 @triton.jit
@@ -175,8 +175,8 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
         if NS > 1:
             acc1 = _load_rows(ib + RP * ROW, wcol, smask, ROW, PAIR)
         if NS > 2:
-            acc2 = _load_rows(ib + 2 * ROW, wcol, smask, ROW, PAIR)
-            acc3 = _load_rows(ib + 3 * ROW, wcol, smask, ROW, PAIR)
+            acc2 = _load_rows(ib + 2 * RP * ROW, wcol, smask, ROW, PAIR)
+            acc3 = _load_rows(ib + 3 * RP * ROW, wcol, smask, ROW, PAIR)
     if REVERSE:
         xrs = Hq * D_HEAD
         nrep = RG

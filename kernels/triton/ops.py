@@ -213,6 +213,16 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
     return (Sst, Zst, SF, ZF) if store_fin else (Sst, Zst, None, None)
 
 
+def _forward_states(k, v, bg, S0, z0, chunk, n, T, Hq, scale, dt_tl, dt_torch, prec,
+                    store_fin):
+    """The forward state scan from the initial state (canonical, or None): the per-chunk
+    states and, when store_fin, the final one (_state_scan)."""
+    B, _, H, _ = k.shape
+    S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
+    return _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq, scale, dt_tl,
+                       dt_torch, prec, reverse=False, store_fin=store_fin)
+
+
 def _internal_state(S, z, B, H):
     Si, Zi = to_internal(S, z)
     return (Si.reshape(B * H, Si.shape[2], Si.shape[3]).contiguous(),
@@ -237,10 +247,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     has_state = not _stateless(n, S0, want_state)
     bg = _chunk_gates(log_g, chunk, n) if has_state else None
     if has_state:
-        S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
-        Sst, Zst, SF, ZF = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
-                                       scale, dt_tl, dt_torch, prec, reverse=False,
-                                       store_fin=want_state)
+        Sst, Zst, SF, ZF = _forward_states(k, v, bg, S0, z0, chunk, n, T, Hq, scale, dt_tl,
+                                           dt_torch, prec, want_state)
     else:
         Sst, Zst = q.new_empty(0, dtype=dt_torch), q.new_empty(0, dtype=torch.float32)
     y = torch.empty_like(q)
@@ -369,11 +377,9 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     has_dS = dS is not None or dz is not None
     has_state = not _stateless(n, S0, has_dS)
     bg = _chunk_gates(log_g, chunk, n) if has_state else None
-    S0i, Z0i = _internal_state(S0, z0, B, H) if S0 is not None else (None, None)
     if has_state and Sst.numel() == 0:   # not kept (RETENTION_TRITON_RECOMPUTE=1)
-        Sst, Zst, _, _ = _state_scan(k, v, bg, None, None, S0i, Z0i, chunk, n, T, H, Hq,
-                                     scale, dt_tl, dt_torch, prec, reverse=False,
-                                     store_fin=False)
+        Sst, Zst, _, _ = _forward_states(k, v, bg, S0, z0, chunk, n, T, Hq, scale, dt_tl,
+                                         dt_torch, prec, False)
     bt = max(16, 4096 // d)   # rows per row-wise program: a [bt, d] float32 tile of 4096
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     rowwise._row_delta[(triton.cdiv(T, bt), B * Hq)](dy, y.contiguous(), delta, T, Hq,
