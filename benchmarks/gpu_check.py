@@ -194,6 +194,11 @@ def all_cases(quick):
     cases.append(("T=300 d=64 chunk=64 gates GQA state", (1, 300, 4, 2, 64, True, True, torch.bfloat16, 64)))
     cases.append(("T=1024 d=64 fp16 gates GQA state", (1, 1024, 4, 2, 64, True, True, torch.float16)))
     cases.append(("T=1024 d=64 fp32 gates GQA state", (1, 1024, 4, 2, 64, True, True, torch.float32)))
+    # float32 operands at d=128 in one chunk: the dq launch that needed its own blocks
+    # (ops.ATTN_BLOCKS_F32) to fit the shared memory
+    for dt, name in ((torch.float16, "fp16"), (torch.float32, "fp32")):
+        cases.append((f"T=1024 d=128 {name} gates GQA no state out",
+                      (1, 1024, 4, 2, 128, True, False, dt, None, 0, False)))
     cases.append(("prefill + 4 decode steps, d=64 GQA", None))
     cases.append(("deterministic backward, 16 runs", "determinism"))
     return cases

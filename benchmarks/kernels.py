@@ -155,7 +155,7 @@ def kernel_resources():
     for module, name in ((attention, "_attn_fwd"), (attention, "_attn_dq"),
                          (attention, "_attn_dkv"), (chunked, "_state_scan"),
                          (chunked, "_out_fwd"), (chunked, "_dq_bwd"), (chunked, "_dkv_bwd"),
-                         (rowwise, "_row_delta"), (rowwise, "_finish_grads")):
+                         (rowwise, "_row_delta")):
         try:
             for cache in getattr(module, name).device_caches.values():
                 for k in cache[0].values():
@@ -198,7 +198,8 @@ def tune():
     """Settings of the chunked kernels (ops module knobs) against the defaults, fwd+bwd ms in
     256-token chunks at d=64 (T=4096 and 65536) and d=128 (T=4096, the 7B preset's head dim),
     including the rank-one intra-chunk gate (ops.CHUNK_RANK1), the scan's rows in pairs
-    (ops.SCAN_PAIR) and the dk/dv launch forms (ops.DKV_LAUNCH). Row blocks of 64
+    (ops.SCAN_PAIR), rows per scan program (ops._row_group) and the dk/dv launch forms
+    (ops.DKV_LAUNCH). Row blocks of 64
     with 4 warps and 3 stages won against 128-row blocks and 8 warps on 2026-11-30
     (docs/kernels_gpu_log.md); chunk sizes: --sweep."""
     from retention.kernels.triton import ops
@@ -207,17 +208,19 @@ def tune():
              "CHUNK_RANK1", "SCAN_PAIR")
     base = {n: getattr(ops, n) for n in names}
     step64 = lambda stages: (lambda c, d: (64 if c % 64 == 0 else 16, stages))
-    fwd4 = lambda d, reverse=False: 2 if reverse else 4
+    every = lambda dkv: {d: dkv for d in (16, 32, 64, 128)}
     variants = [("default", {}),
-                ("scan rows in pairs", dict(SCAN_PAIR=True)),
-                ("scan rows in pairs, 4 per program",
-                 dict(SCAN_PAIR=True, _row_group=lambda d, reverse=False: 4)),
+                ("scan one dot per row (no pairs)", dict(SCAN_PAIR=False)),
+                ("scan 4 rows per program",
+                 dict(_row_group=lambda d, reverse=False, paired=True: 4)),
+                ("reverse scan 2 rows per program",
+                 dict(_row_group=lambda d, reverse=False, paired=True:
+                      4 if d >= 128 and not reverse else 2)),
                 ("intra-chunk rank-one gate", dict(CHUNK_RANK1=True)),
                 ("scan 64-token steps", dict(_scan_step=step64(2))),
-                ("dk and dv in two launches", dict(DKV_LAUNCH={d: "split" for d in (64, 128)})),
-                ("dv then dk in one program",
-                 dict(DKV_LAUNCH={d: "sequential" for d in (64, 128)})),
-                ("forward scan 4 rows/program", dict(_row_group=fwd4))]
+                ("dk and dv in two launches (races at d=64)", dict(DKV_LAUNCH=every("split"))),
+                ("dk and dv in one pass", dict(DKV_LAUNCH=every("joint"))),
+                ("dv then dk in one program", dict(DKV_LAUNCH=every("sequential")))]
     for name, knobs in variants:
         for key, val in knobs.items():
             setattr(ops, key, val)

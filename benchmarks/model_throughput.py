@@ -56,7 +56,7 @@ MODELS = ("retention", "llama")
 # Our Triton kernels appear in a profile under their function names (kernels/triton/); the
 # names are also read from the package at profile time, so renamed kernels still count.
 RETENTION_KERNELS = ("_attn_fwd", "_attn_dq", "_attn_dkv", "_state_scan", "_out_fwd",
-                     "_dq_bwd", "_dkv_bwd", "_row_delta", "_finish_grads", "_step")
+                     "_dq_bwd", "_dkv_bwd", "_row_delta", "_step")
 # Kernel families for the profile summary: (family, substrings of the name), first match wins.
 KERNEL_FAMILIES = (
     ("attention (flash)", ("flash", "fmha")),

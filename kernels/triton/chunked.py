@@ -85,7 +85,8 @@ def _load_rows(ptr, wcol, smask, row_step, PAIR: tl.constexpr):
     if PAIR:
         b = tl.load(ptr + row_step, mask=smask, other=0.0) / wcol
         return tl.reshape(tl.join(a, b), [a.shape[0], 2 * a.shape[1]])
-    return a
+    else:   # a static else: the compiler rejects returns of two shapes otherwise
+        return a
 
 
 @triton.jit
@@ -404,6 +405,16 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
 
 
 @triton.jit
+def _finish_rows(grow, orow, xrow, XDX, rm, cols):
+    """A row block's float32 gradient (after the block-wise adds: _grad_block ends on a
+    barrier) to the input dtype at orow, and its row sums x.dx to XDX."""
+    g = tl.load(grow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
+    tl.store(orow[:, None] + cols[None, :], g.to(orow.dtype.element_ty), mask=rm[:, None])
+    x = tl.load(xrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+    tl.store(XDX, tl.sum(x * g, axis=1), mask=rm)
+
+
+@triton.jit
 def _gram_tile(Zst, bh64, N, n, cols, D_HEAD: tl.constexpr):
     """The d x d Gram matrix Z (or its gradient) of chunk n of KV head bh64."""
     return tl.load(Zst + (bh64 * N + n) * D_HEAD * D_HEAD + cols[:, None] * D_HEAD
@@ -503,10 +514,13 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
 
 # --- backward ------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
+def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, DQO, QDQ, scale,
             T, H, Hq, Tp, N,
             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
             DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr):
+    """dq of one row block of queries, summed in the float32 DQ (the state read adds into it
+    block by block), then written to DQO in the input dtype with its row sums q.dq in QDQ
+    [B*Hq, T] (the gate gradient's summand)."""
     NB: tl.constexpr = D_HEAD // 16
     pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
         _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
@@ -543,29 +557,34 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, scale,
     Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
     for I in tl.static_range(NB):
         _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD, BM, DT, PREC)
+    obase = DQO + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
+    _finish_rows(grow, obase, qrow, QDQ + pbh.to(tl.int64) * T + rows, rm, cols)
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale,
+def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, RANK1: tl.constexpr):
     """dk and dv of one row block of keys. PART 0 computes both in one pass; 1 only dv and 2
     only dk (two launches with fewer live registers each; the intra-chunk scores are computed
     twice); 3 the dv pass and then the dk pass in one program (one launch, one accumulator
-    live at a time)."""
+    live at a time). dv goes straight to DV in the input dtype; dk is summed in the float32
+    DK (the state write adds into it block by block), then written to DKO in the input dtype
+    with its row sums k.dk in KDK [B*H, T]."""
     if PART == 3:
-        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, Tp, N,
-                  D_HEAD, DINT, C, BM, DT, PREC, RANK1, True, False)
-        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, Tp, N,
-                  D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True)
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
+                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, True, False)
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
+                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True)
     else:
-        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, Tp, N,
-                  D_HEAD, DINT, C, BM, DT, PREC, RANK1, PART != 2, PART != 1)
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
+                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, PART != 2, PART != 1)
 
 
 @triton.jit
-def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, Tp, N,
+def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
+              Tp, N,
               D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr, DO_V: tl.constexpr,
               DO_K: tl.constexpr):
@@ -638,9 +657,12 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DV, scale, T, H, Hq, 
                 dk += tl.dot(dsT.to(DT), qn.to(DT), input_precision=PREC) * scale
     if DO_V:
         dvbase = DV + (b.to(tl.int64) * T * H + h) * D_HEAD
-        tl.store(dvbase + rows[:, None] * krs + cols[None, :], dv, mask=rm[:, None])
+        tl.store(dvbase + rows[:, None] * krs + cols[None, :], dv.to(DV.dtype.element_ty),
+                 mask=rm[:, None])
     if DO_K:
         tl.store(grow[:, None] + cols[None, :], dk, mask=rm[:, None])
         # The state write: u_a = v @ dS_a^T; added into DK block by block.
         for I in tl.static_range(NB):
             _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD, BM, DT, PREC)
+        orow = DKO + (b.to(tl.int64) * T * H + h) * D_HEAD + rows.to(tl.int64) * krs
+        _finish_rows(grow, orow, krow, KDK + bh64 * T + rows, rm, cols)

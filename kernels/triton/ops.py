@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import attention, chunked, decode, rowwise
+from . import attention, chunked, decode, launch, rowwise
 from .layout import internal_dim, to_canonical, to_internal
 
 BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
@@ -75,6 +75,18 @@ ATTN_BLOCKS = {
     "dv": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 64, 4, 2)},
     "dk": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 64, 4, 2)},
 }
+# float32 operands (float16 and float32 inputs) double the tiles: d=128's 128-row dq block
+# then needs 192-288 KB of shared memory, more than an A100 (163 KB) or H100 (227 KB) has at
+# any stage count for float32 inputs (benchmarks/sm90_compile.py --arch 80); 64 x 32 needs
+# 90-107 KB. Not timed: float32 operands are the correctness path, not the fast one.
+ATTN_BLOCKS_F32 = {"dq": {128: (64, 32, 4, 2)}}
+
+
+def _attn_blocks(kind: str, d: int, dt_tl) -> tuple[int, int, int, int]:
+    """(rows, cols, warps, stages) of a one-chunk kernel at head dim d for operands dt_tl."""
+    if dt_tl == tl.float32 and d in ATTN_BLOCKS_F32.get(kind, {}):
+        return ATTN_BLOCKS_F32[kind][d]
+    return ATTN_BLOCKS[kind][d]
 # The one-chunk dk/dv in one launch (False) or two, dv then dk (True: the scores computed
 # twice, fewer live registers each; 25-27% slower by --attn-tune on an H200, 2026-11-30).
 # RETENTION_TRITON_ATTN_SPLIT_DKV=1 forces two everywhere.
@@ -126,16 +138,17 @@ def _stages(d, dt_tl):
 
 # dk and dv of the keys: "joint" (one pass, both accumulators live), "split" (a dv launch, then
 # a dk launch: fewer live registers each, the intra-chunk scores computed twice) or
-# "sequential" (those two passes one after the other in one program; not yet timed). At d=64
-# split was 2% faster than joint, but its 3-stage dv launch gave run-to-run different dv on
-# an H200 with triton 3.6 (2-3 of 8-16 runs; never joint or 2-stage launches: gpu_check.py
-# --only deterministic), so joint below d=128; d=128 (2 stages) keeps split.
+# "sequential" (those two passes one after the other in one program). At d=64 on an H200
+# (bf16, 65,536 tokens x 16 heads, 2026-11-30) sequential was 2.3% faster than joint and as
+# fast as split, whose 3-stage dv launch gave run-to-run different dv there with triton 3.6
+# (2-3 of 8-16 runs; never joint, sequential or 2-stage launches: gpu_check.py --only
+# deterministic); so sequential below d=128, and split at d=128 (2 stages), where it won.
 # RETENTION_TRITON_DKV=joint|split|sequential forces one everywhere.
 DKV_PARTS = {"joint": (0,), "split": (1, 2), "sequential": (3,)}
 _DKV_ENV = os.environ.get("RETENTION_TRITON_DKV")
 if _DKV_ENV is not None and _DKV_ENV not in DKV_PARTS:
     raise ValueError(f"RETENTION_TRITON_DKV must be one of {sorted(DKV_PARTS)}, got {_DKV_ENV!r}")
-DKV_LAUNCH = {d: _DKV_ENV or ("split" if d >= 128 else "joint") for d in (16, 32, 64, 128)}
+DKV_LAUNCH = {d: _DKV_ENV or ("split" if d >= 128 else "sequential") for d in (16, 32, 64, 128)}
 
 # The chunked kernels' intra-chunk gate off the diagonal block as a rank-one product, no
 # exponential per pair (chunked._intra_gate), or e^{b_i - b_j} per pair everywhere (the
@@ -147,19 +160,25 @@ CHUNK_RANK1 = os.environ.get("RETENTION_TRITON_CHUNK_RANK1") == "1"
 SCAN_BSIDE = os.environ.get("RETENTION_TRITON_SCAN_OPERAND", "b") == "b"
 
 # With operand "b" and an even number of rows per program: the rows' scaled values tiles side
-# by side, one dot of twice the width per pair of rows (chunked._paired_dot), or one dot per
-# row (the default until timed on a GPU): RETENTION_TRITON_SCAN_PAIR=1.
-SCAN_PAIR = os.environ.get("RETENTION_TRITON_SCAN_PAIR") == "1"
+# by side, one dot of twice the width per pair of rows (chunked._paired_dot),
+# 1-2% faster fwd+bwd at d=64 (H200, 2026-11-30); RETENTION_TRITON_SCAN_PAIR=0 gives one dot
+# per row. float16 inputs (float32 operands at tf32 precision) never pair: triton 3.6 fails to
+# compile that dot (an MLIR pass error; benchmarks/sm90_compile.py shows it offline).
+_PAIR_ENV = os.environ.get("RETENTION_TRITON_SCAN_PAIR", "1")
+if _PAIR_ENV not in ("0", "1"):
+    raise ValueError(f"RETENTION_TRITON_SCAN_PAIR must be 0 or 1, got {_PAIR_ENV!r}")
+SCAN_PAIR = _PAIR_ENV == "1"
 
 
-def _row_group(d, reverse=False):
-    """Rows a per state-scan program (accumulators of [d, 64]): 2, except 4 in the forward scan
-    at d=128 (16% faster forward there; neutral at d=64; H200, 2026-11-30).
-    RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4."""
+def _row_group(d, reverse=False, paired=True):
+    """Rows a per state-scan program (accumulators of [d, 64]): 2, except 4 at d=128 in the
+    forward scan (16% faster forward) and, with rows in pairs, in the reverse scan too (6%
+    faster fwd+bwd, 141.5 against 150.2 ms; at d=64 4 rows were neutral to 2% slower; H200,
+    2026-11-30). RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4."""
     env = os.environ.get("RETENTION_TRITON_SCAN_ROWS")
     if env and env not in ("1", "2", "4"):
         raise ValueError(f"RETENTION_TRITON_SCAN_ROWS must be 1, 2 or 4, got {env!r}")
-    return int(env) if env else (4 if d >= 128 and not reverse else 2)
+    return int(env) if env else (4 if d >= 128 and (paired or not reverse) else 2)
 
 
 def _scan_values(d):
@@ -199,17 +218,18 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
         ZF = torch.empty(B * H, d, d, device=dev, dtype=torch.float32)
     else:   # unused pointers
         SF, ZF = Zst, Zst
-    ag = _row_group(d, reverse)
+    pair = SCAN_PAIR and SCAN_BSIDE and not (dt_tl == tl.float32 and prec == "tf32")
+    ag = _row_group(d, reverse, pair)
     bv = _scan_values(d)
     has_init = init_S is not None
     bk, stages = _scan_step(chunk, d)
-    chunked._state_scan[(B * H * (d // bv), d // ag + 1)](
+    launch.fitted(chunked._state_scan, (B * H * (d // bv), d // ag + 1),
         X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
         init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,
         T, H, Hq, n * chunk, n,
         D_HEAD=d, DINT=Di, C=chunk, BK=bk, AG=ag, BV=bv, DT=dt_tl, PREC=prec,
         HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, STORE_FIN=store_fin,
-        PAIR=SCAN_PAIR and SCAN_BSIDE and ag % 2 == 0, num_warps=8, num_stages=stages)
+        PAIR=pair and ag % 2 == 0, num_warps=8, num_stages=stages)
     return (Sst, Zst, SF, ZF) if store_fin else (Sst, Zst, None, None)
 
 
@@ -254,7 +274,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     y = torch.empty_like(q)
     den = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if has_state:
-        chunked._out_fwd[(Tp // bm, B * Hq)](
+        launch.fitted(chunked._out_fwd, (Tp // bm, B * Hq),
             q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n, D_HEAD=d,
             DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
             num_warps=_warps(d), num_stages=_stages(d, dt_tl))
@@ -274,8 +294,8 @@ def _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec):
     B, T, Hq, d = q.shape
     H = k.shape[2]
     Tp = _attn_len(T)
-    bm, bn, warps, stages = ATTN_BLOCKS["fwd"][d]
-    attention._attn_fwd[(triton.cdiv(T, bm), B * Hq)](
+    bm, bn, warps, stages = _attn_blocks("fwd", d, dt_tl)
+    launch.fitted(attention._attn_fwd, (triton.cdiv(T, bm), B * Hq),
         q, k, v, _chunk_gates(log_g, Tp, 1), y, den, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, num_warps=warps, num_stages=stages)
 
@@ -290,14 +310,14 @@ def _attention_bwd(q, k, v, log_g, dy, den, delta, scale, dt_tl, prec):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qdq = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     kdk = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    bm, bn, warps, stages = ATTN_BLOCKS["dq"][d]
-    attention._attn_dq[(triton.cdiv(T, bm), B * Hq)](
+    bm, bn, warps, stages = _attn_blocks("dq", d, dt_tl)
+    launch.fitted(attention._attn_dq, (triton.cdiv(T, bm), B * Hq),
         q, k, v, bg, dy, den, delta, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
         num_warps=warps, num_stages=stages)
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
-        bn, bm, warps, stages = ATTN_BLOCKS[("dkv", "dv", "dk")[part]][d]
-        attention._attn_dkv[(triton.cdiv(T, bn), B * H)](
+        bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
+        launch.fitted(attention._attn_dkv, (triton.cdiv(T, bn), B * H),
             q, k, v, bg, dy, den, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
             num_warps=warps, num_stages=stages)
@@ -311,11 +331,12 @@ def _log_gate_grad(dG_BHT: torch.Tensor) -> torch.Tensor:
     return dG_BHT.flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
 
 
-def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, scale, chunk,
-                 want_dS0, dt_tl, dt_torch, prec):
+def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qdq, kdk, scale,
+                 chunk, want_dS0, dt_tl, dt_torch, prec):
     """The chunked backward: the reverse state scan, then dq (from the forward's states) and
-    dk, dv (from the state gradients), in place. Returns the initial state's gradient
-    (internal layout) when want_dS0, else (None, None)."""
+    dk, dv (from the state gradients), in place in the inputs' dtype, with the row sums q.dq
+    [B,Hq,T] and k.dk [B,H,T]. Returns the initial state's gradient (internal layout) when
+    want_dS0, else (None, None)."""
     B, T, Hq, d = q.shape
     H = k.shape[2]
     bm, n, Tp = _plan(T, chunk)
@@ -323,13 +344,16 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, sc
     dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi, dZi, chunk, n, T, H, Hq,
                                          scale, dt_tl, dt_torch, prec, reverse=True,
                                          store_fin=want_dS0)
-    chunked._dq_bwd[(Tp // bm, B * Hq)](
-        q, k, v, bg, Sst, Zst, dy, den, delta, dq, scale, T, H, Hq, Tp, n,
+    # dq and dk are summed in float32 (block-wise adds from the state terms) before the cast.
+    dq32 = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    dk32 = torch.empty(k.shape, device=q.device, dtype=torch.float32)
+    launch.fitted(chunked._dq_bwd, (Tp // bm, B * Hq),
+        q, k, v, bg, Sst, Zst, dy, den, delta, dq32, dq, qdq, scale, T, H, Hq, Tp, n,
         D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
         num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     for part in DKV_PARTS[DKV_LAUNCH[d]]:
-        chunked._dkv_bwd[(Tp // bm, B * H)](
-            q, k, v, bg, dSst, dZst, dy, den, delta, dk, dv, scale, T, H, Hq, Tp, n,
+        launch.fitted(chunked._dkv_bwd, (Tp // bm, B * H),
+            q, k, v, bg, dSst, dZst, dy, den, delta, dk32, dk, dv, kdk, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
             RANK1=CHUNK_RANK1, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     return dS0i, dZ0i
@@ -392,27 +416,24 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
         dS = torch.zeros_like(S) if dS is None else dS
         dz = torch.zeros_like(z) if dz is None else dz
         dSi, dZi = _internal_state(dS.float(), dz.float(), B, H)
-    dq = torch.empty(B, T, Hq, d, device=q.device, dtype=torch.float32)
-    dk = torch.empty(B, T, H, d, device=q.device, dtype=torch.float32)
-    dv = torch.empty_like(dk)
+    # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
+    # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2; the
+    # kernels write the row sums with the gradients (in the input dtype).
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    qdq = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    kdk = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     dS0i, dZ0i = _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst,
                               dSi if has_dS else None, dZi if has_dS else None, dq, dk, dv,
-                              scale, chunk, S0 is not None, dt_tl, dt_torch, prec)
-    # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
-    # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2;
-    # _finish_grads forms it while casting the float32 gradients to the input dtype.
-    dq_out, dk_out, dv_out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dG = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
-    rowwise._finish_grads[(triton.cdiv(T, bt), B * H)](
-        q, k, dq, dk, dv, dq_out, dk_out, dv_out, dG, T, H, Hq, D_HEAD=d, BT=bt)
+                              qdq, kdk, scale, chunk, S0 is not None, dt_tl, dt_torch, prec)
+    dG = 0.5 * (qdq.view(B, H, Hq // H, T).sum(2) - kdk)
     if has_dS:
-        dG[:, -1] += (dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)
-    dlog_g = _log_gate_grad(dG.transpose(1, 2))
+        dG[:, :, -1] += (dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)
+    dlog_g = _log_gate_grad(dG)
     if S0 is not None:
         dS0, dz0 = to_canonical(dS0i.view(B, H, Di, d), dZ0i.view(B, H, d, d))
     else:
         dS0, dz0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    return dq_out, dk_out, dv_out, dlog_g, dS0, dz0
+    return dq, dk, dv, dlog_g, dS0, dz0
 
 
 @_bwd_op.register_fake

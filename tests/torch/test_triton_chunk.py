@@ -55,8 +55,15 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
         with pytest.raises(ValueError, match="RETENTION_TRITON_SCAN_BV"):
             ops._scan_values(32)
     if "RETENTION_TRITON_DKV" not in os.environ:
-        assert ops.DKV_LAUNCH == {16: "joint", 32: "joint", 64: "joint", 128: "split"}
-    proc = subprocess.run([sys.executable, "-c", "import retention.kernels.triton.ops"],
-                          env=dict(os.environ, RETENTION_TRITON_DKV="both"),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "RETENTION_TRITON_DKV must be one of" in proc.stderr
+        assert ops.DKV_LAUNCH == {16: "sequential", 32: "sequential", 64: "sequential",
+                                  128: "split"}
+    monkeypatch.delenv("RETENTION_TRITON_SCAN_ROWS", raising=False)
+    # 4 rows per scan program at d=128, in the reverse scan only with rows in pairs
+    assert [ops._row_group(128), ops._row_group(128, True), ops._row_group(128, True, False),
+            ops._row_group(64), ops._row_group(64, True)] == [4, 4, 2, 2, 2]
+    for name, bad, says in (("RETENTION_TRITON_DKV", "both", "must be one of"),
+                            ("RETENTION_TRITON_SCAN_PAIR", "yes", "must be 0 or 1")):
+        proc = subprocess.run([sys.executable, "-c", "import retention.kernels.triton.ops"],
+                              env=dict(os.environ, **{name: bad}),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and f"{name} {says}" in proc.stderr, proc.stderr[-500:]

@@ -40,14 +40,14 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_SCAN_ROWS": "1"},
     {"RETENTION_TRITON_SCAN_ROWS": "4"},                      # the d=128 forward's setting
     {"RETENTION_TRITON_SCAN_BV": "16"},                       # two value tiles per head
-    {"RETENTION_TRITON_SCAN_PAIR": "1"},                      # rows a in pairs, one dot each
-    {"RETENTION_TRITON_SCAN_PAIR": "1", "RETENTION_TRITON_SCAN_ROWS": "4"},
+    {"RETENTION_TRITON_SCAN_PAIR": "0"},                      # one dot per row a
+    {"RETENTION_TRITON_SCAN_ROWS": "4", "RETENTION_TRITON_SCAN_PAIR": "0"},
     {"RETENTION_TRITON_DKV": "split"},                       # dv and dk in two launches
-    {"RETENTION_TRITON_DKV": "sequential"},                  # dv, then dk, in one program
+    {"RETENTION_TRITON_DKV": "joint"},                       # dv and dk in one pass
     {"RETENTION_TRITON_CHUNK_RANK1": "1"},                   # rank-one intra-chunk gate
     {"RETENTION_TRITON_CHUNK_RANK1": "1", "RETENTION_TRITON_DKV": "split"},
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
-        "scan-pairs", "scan-pairs-4-rows", "split-dkv", "sequential-dkv", "rank-one-gate", "rank-one-gate-split-dkv"])
+        "scan-unpaired", "scan-unpaired-4-rows", "split-dkv", "joint-dkv", "rank-one-gate", "rank-one-gate-split-dkv"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
