@@ -137,8 +137,8 @@ def check_deterministic(runs=16):
     what a race needs to show), with L2 flushed and a random pause before each run: every
     output and gradient bit-identical every time. Runs in its own process. Failures seen on
     2026-11-30 (H200, triton 3.6), both in dv: dq on a side stream beside the reverse scan
-    (removed), then the chunked dv launch with 3 pipeline stages (d=64 now takes the joint
-    dk/dv launch, ops.DKV_LAUNCH)."""
+    (removed), then the chunked dv launch with 3 pipeline stages (d=64 now takes the
+    sequential dk/dv launch, ops.DKV_LAUNCH)."""
     env = {k: v for k, v in os.environ.items() if k != "CUDA_LAUNCH_BLOCKING"}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--determinism-child",
                            str(runs)], env=env, capture_output=True, text=True, timeout=300)

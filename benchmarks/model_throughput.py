@@ -374,9 +374,10 @@ def kernel_family(name: str, retention_names=RETENTION_KERNELS) -> str:
     return "other"
 
 
-def top_kernels(prof, cuda: bool, n: int = 15) -> tuple[list[dict], float, list[dict]]:
-    """(the n events with the most total time, their total, all of them) in ms: CUDA kernels
-    (device-side events) on a GPU, operators by self CPU time on the CPU."""
+def top_kernels(prof, cuda: bool, n: int = 15) -> tuple[list[dict], float, dict]:
+    """(the n events with the most total time, the total over all events, the total by kernel
+    family, largest first) in ms: CUDA kernels (device-side events) on a GPU, operators by
+    self CPU time on the CPU."""
     from torch.autograd import DeviceType
     averages = prof.key_averages()
     kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
@@ -393,7 +394,10 @@ def top_kernels(prof, cuda: bool, n: int = 15) -> tuple[list[dict], float, list[
     for r in events:
         r["share"] = r["total_ms"] / total if total else 0.0
         r["family"] = kernel_family(r["name"], retention_names)
-    return events[:n], total, events
+    families: dict[str, float] = {}
+    for r in events:
+        families[r["family"]] = families.get(r["family"], 0.0) + r["total_ms"]
+    return events[:n], total, dict(sorted(families.items(), key=lambda kv: -kv[1]))
 
 
 def profile_retention(runner, args, rng) -> dict:
@@ -422,10 +426,7 @@ def profile_retention(runner, args, rng) -> dict:
             runner.step(inputs, targets)
         sync()
         wall_ms = (time.perf_counter() - t0) * 1e3
-    top, total_ms, events = top_kernels(prof, cuda)
-    families: dict[str, float] = {}
-    for r in events:
-        families[r["family"]] = families.get(r["family"], 0.0) + r["total_ms"]
+    top, total_ms, families = top_kernels(prof, cuda)
     what = "CUDA kernels" if cuda else "CPU operators (self time)"
     say(f"\nProfile: retention, T={T}, batch {batch}, 2 steps, wall {wall_ms:.1f} ms, "
         f"{what} {total_ms:.1f} ms in all"
@@ -439,7 +440,7 @@ def profile_retention(runner, args, rng) -> dict:
             f"{r['total_ms']:.2f} | {r['share']:.1%} | {r['total_ms'] * 1e3 / r['calls']:.1f} |")
     say("\n| family | total ms | share |")
     say("| --- | --- | --- |")
-    for family, ms in sorted(families.items(), key=lambda kv: -kv[1]):
+    for family, ms in families.items():
         say(f"| {family} | {ms:.2f} | {ms / total_ms if total_ms else 0:.1%} |")
     return {"seq_len": T, "batch": batch, "steps": 2, "wall_ms": wall_ms,
             "kind": "cuda_kernels" if cuda else "cpu_operators", "total_ms": total_ms,

@@ -62,7 +62,7 @@ def record_launches(dtypes, dims):
             dt = getattr(torch, dtype)
             for d in dims:
                 g = torch.Generator().manual_seed(0)
-                B, Hq, H = 1, 4, 2
+                B, Hq, H, D = 1, 4, 2, d * (d + 1) // 2
 
                 def leaf(*shape, dtype=dt):
                     return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
@@ -70,7 +70,6 @@ def record_launches(dtypes, dims):
                 for T, state in ((600, True), (300, False)):   # chunked with state; one chunk
                     q, k, v = leaf(B, T, Hq, d), leaf(B, T, H, d), leaf(B, T, H, d)
                     lg = F.logsigmoid(torch.randn(B, T, H, generator=g) + 2).requires_grad_()
-                    D = d * (d + 1) // 2
                     S0 = (leaf(B, H, D, d, dtype=torch.float32),
                           leaf(B, H, D, dtype=torch.float32)) if state else None
                     out = ops.power_retention(q, k, v, lg, initial_state=S0, return_state=state)
@@ -78,7 +77,6 @@ def record_launches(dtypes, dims):
                     loss = y.float().sum() + (S.sum() + z.sum() if state else 0)
                     loss.backward()
                 with torch.no_grad():
-                    D = d * (d + 1) // 2
                     st = (torch.zeros(B, H, D, d), torch.zeros(B, H, D))
                     ops.power_retention_step(torch.randn(B, Hq, d).to(dt),
                                              torch.randn(B, H, d).to(dt),
@@ -137,8 +135,7 @@ def _ptxas_usage(ptx, arch):
     """Registers and spill-store bytes from ptxas -v (the ptxas triton compiles with)."""
     from triton.backends.nvidia import compiler
 
-    tool = compiler.get_ptxas(arch) if hasattr(compiler, "get_ptxas") else compiler.get_ptxas()
-    ptxas = tool.path
+    ptxas = compiler.get_ptxas(arch).path
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")

@@ -154,13 +154,9 @@ def profile_step(torch, trainer, batch, lr, device, ranks) -> None:
             torch.cuda.synchronize(device)
     if not ranks.main:
         return
-    top, total, events = top_kernels(prof, cuda, n=25)
-    families: dict[str, float] = {}
-    for r in events:
-        families[r["family"]] = families.get(r["family"], 0.0) + r["total_ms"]
+    top, total, families = top_kernels(prof, cuda, n=25)
     say(ranks, f"-- profiled step: {total:.1f} ms of {'CUDA kernels' if cuda else 'operators'}; "
-        + ", ".join(f"{f} {100 * ms / total:.1f}%"
-                    for f, ms in sorted(families.items(), key=lambda kv: -kv[1])))
+        + ", ".join(f"{f} {100 * ms / total:.1f}%" for f, ms in families.items()))
     for r in top:
         say(ranks, f"  {r['total_ms']:9.2f} ms  {r['share']:6.1%}  {r['calls']:5d}x  "
                    f"{r['family']:32s} {r['name'][:90]}")

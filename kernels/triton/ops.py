@@ -87,6 +87,8 @@ def _attn_blocks(kind: str, d: int, dt_tl) -> tuple[int, int, int, int]:
     if dt_tl == tl.float32 and d in ATTN_BLOCKS_F32.get(kind, {}):
         return ATTN_BLOCKS_F32[kind][d]
     return ATTN_BLOCKS[kind][d]
+
+
 # The one-chunk dk/dv in one launch (False) or two, dv then dk (True: the scores computed
 # twice, fewer live registers each; 25-27% slower by --attn-tune on an H200, 2026-11-30).
 # RETENTION_TRITON_ATTN_SPLIT_DKV=1 forces two everywhere.

@@ -21,9 +21,7 @@ def _has_cuda_backend() -> bool:
         from triton.backends.nvidia import compiler
     except ImportError:
         return False
-    tool = compiler.get_ptxas(90) if compiler.get_ptxas.__code__.co_argcount else \
-        compiler.get_ptxas()
-    return os.path.exists(tool.path)
+    return os.path.exists(compiler.get_ptxas(90).path)
 
 
 def _compile(tmp_path, *args):

@@ -47,7 +47,8 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_CHUNK_RANK1": "1"},                   # rank-one intra-chunk gate
     {"RETENTION_TRITON_CHUNK_RANK1": "1", "RETENTION_TRITON_DKV": "split"},
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
-        "scan-unpaired", "scan-unpaired-4-rows", "split-dkv", "joint-dkv", "rank-one-gate", "rank-one-gate-split-dkv"])
+        "scan-unpaired", "scan-unpaired-4-rows", "split-dkv", "joint-dkv", "rank-one-gate",
+        "rank-one-gate-split-dkv"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
