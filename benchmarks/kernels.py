@@ -256,7 +256,8 @@ ATTN_CANDIDATES = {
                 (64, 64, 8, 3)],
            128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)]},
     "dkv": {64: [(64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 4, 3),
-                 (32, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3)],
+                 (32, 32, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3),
+                 (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 3)],
             128: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 2)]},
 }
 
@@ -273,7 +274,7 @@ def _time_ms(label, d, Ts, which):
     return sum(ms)
 
 
-def attn_tune():
+def attn_tune(kinds=None):
     """Each one-chunk kernel's launch settings in turn, the others at their defaults: forward
     ms for fwd, fwd+bwd ms for dq and dkv, at T=1024 and 4096 (d=64) and T=4096 (d=128).
     Keeps and prints the fastest per kernel and head dim (ops.ATTN_BLOCKS, ops.ATTN_TRANS)."""
@@ -281,6 +282,8 @@ def attn_tune():
 
     shapes = {64: (1024, 4096), 128: (4096,)}
     for kind, by_d in ATTN_CANDIDATES.items():
+        if kinds and kind not in kinds:
+            continue
         for d, cands in by_d.items():
             default = (ops.ATTN_BLOCKS[kind][d], ops.ATTN_TRANS.get(kind, {}).get(d))
             best = None
@@ -343,9 +346,9 @@ def main():
                          "kernels and the rows per state-scan program (T=4096 and 65536)")
     ap.add_argument("--quadratic", action="store_true",
                     help="one chunk (no state) against 256-token chunks by T and head dim, and stop")
-    ap.add_argument("--attn-tune", action="store_true",
-                    help="time the one-chunk kernels' launch settings first, keep the fastest "
-                         "for the rest of the run")
+    ap.add_argument("--attn-tune", nargs="*", default=None, choices=sorted(ATTN_CANDIDATES),
+                    help="time the one-chunk kernels' launch settings first (of these kernels; "
+                         "all when none is named), keep the fastest for the rest of the run")
     args = ap.parse_args()
     if args.child:
         return manifest_child()
@@ -362,8 +365,8 @@ def main():
           f" | triton {triton.__version__} | bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     if args.scan_variants:   # on its own: pick the state scan's launch settings first
         return scan_variants()
-    if args.attn_tune:
-        attn_tune()
+    if args.attn_tune is not None:
+        attn_tune(args.attn_tune)
     if args.quadratic:
         return quadratic()
     man = manifest(args.manifest_path, args.manifest_timeout) if args.manifest_path else {}

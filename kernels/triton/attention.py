@@ -16,6 +16,8 @@ leaves the loop. Only the blocks on the diagonal take e^{b_i - b_j} per element,
 
 Normalization in the backward: with dnum = dy/den and dden = -(dy.y)/den = -delta/den,
 dw_ij = dnum_i.v_j + dden_i = (dy_i.v_j - delta_i)/den_i, and dw/d(q.k) = 2 s^2 (q.k) e^{..}.
+The backward kernels read rden = 1/den (rowwise._row_delta), a multiply where a division per
+query and block pair would take a dozen instructions.
 Gradients are written in the inputs' dtype, with the rows' q.dq and k.dk in float32: the
 log-gate gradient is their difference's reversed cumulative sum (ops._bwd_op). Gates come as
 b [B*H, Tp] float32 with Tp a multiple of every block size.
@@ -86,7 +88,7 @@ def _attn_fwd(Q, K, V, Bg, Y, DEN, scale, T, H, Hq, Tp,
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
-def _attn_dq(Q, K, V, Bg, DY, DEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
+def _attn_dq(Q, K, V, Bg, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
              D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
     pbh, m0, rows, rm, qoff, kvoff, gbase = _query_rows(Bg, T, H, Hq, Tp, D_HEAD, BM)
@@ -96,9 +98,8 @@ def _attn_dq(Q, K, V, Bg, DY, DEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
     qp = qoff + rows[:, None] * qrs + cols[None, :]
     q = tl.load(Q + qp, mask=rm[:, None], other=0.0).to(DT)
     dy = tl.load(DY + qp, mask=rm[:, None], other=0.0).to(DT)
-    den = tl.load(DEN + pbh.to(tl.int64) * T + rows, mask=rm, other=1.0)
-    rden = 1.0 / tl.where(den > 0, den, 1.0)
-    delta = tl.load(DELTA + pbh.to(tl.int64) * T + rows, mask=rm, other=0.0)
+    rden = tl.load(RDEN + pbh.to(tl.int64) * Tp + rows)
+    delta = tl.load(DELTA + pbh.to(tl.int64) * Tp + rows)
     bq = tl.load(gbase + rows)
     bref = tl.load(gbase + m0)
     eq = tl.exp(bq - bref) * rden
@@ -145,44 +146,47 @@ def _key_tiles(K, V, kvoff, kr, km, cols, krs, TRANS: tl.constexpr, MASKED: tl.c
 
 
 @triton.jit
-def _query_tiles(Q, DY, DEN, DELTA, qoff, rowbase, qr, qm, cols, qrs, TRANS: tl.constexpr):
+def _query_tiles(Q, DY, RDEN, DELTA, qoff, rowbase, qr, cols, qrs, T, TRANS: tl.constexpr):
     """A query block as the key-side program reads it: q and dy both ways round (TRANS as in
-    _key_tiles), den (1 where masked) and delta."""
-    pN = qoff + qr[:, None] * qrs + cols[None, :]
-    qn = tl.load(Q + pN, mask=qm[:, None], other=0.0)
-    dyn = tl.load(DY + pN, mask=qm[:, None], other=0.0)
+    _key_tiles), rden and delta. No masks (a compare and a select per element and pipeline
+    stage): rows past T read row T-1's q and dy, and their zero rden (rowwise._row_delta
+    pads it to the gates' length) zeroes every term they enter."""
+    qc = tl.minimum(qr, T - 1)
+    pN = qoff + qc[:, None] * qrs + cols[None, :]
+    qn = tl.load(Q + pN)
+    dyn = tl.load(DY + pN)
     if TRANS:
         qT = tl.trans(qn)
         dyT = tl.trans(dyn)
     else:
-        pT = qoff + qr[None, :] * qrs + cols[:, None]
-        qT = tl.load(Q + pT, mask=qm[None, :], other=0.0)
-        dyT = tl.load(DY + pT, mask=qm[None, :], other=0.0)
-    den = tl.load(DEN + rowbase + qr, mask=qm, other=1.0)
-    den = tl.where(den > 0, den, 1.0)
-    delta = tl.load(DELTA + rowbase + qr, mask=qm, other=0.0)
-    return qT, qn, dyT, dyn, den, delta
+        pT = qoff + qc[None, :] * qrs + cols[:, None]
+        qT = tl.load(Q + pT)
+        dyT = tl.load(DY + pT)
+    return qT, qn, dyT, dyn, tl.load(RDEN + rowbase + qr), tl.load(DELTA + rowbase + qr)
 
 
 @triton.jit
-def _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT: tl.constexpr, PREC: tl.constexpr,
-              PART: tl.constexpr):
-    """Adds one (key block, query block) pair: c [BN, BM] is the gate over den (zero where
-    masked), without the s^2 (and 2 s^2 for dk) that the caller applies at the end. The
-    rounded dk summand equals _attn_dq's dq summand (same factors, same order): the gate
-    gradient sums q.dq - k.dk over all pairs after t, whose rounding errors then cancel.
-    PART 1 adds dv only, 2 dk only, 0 both."""
+def _dkv_pair(k, v, qT, qn, dyT, dyn, ck, cq, delta, dk, dv, DT: tl.constexpr,
+              PREC: tl.constexpr, PART: tl.constexpr):
+    """Adds one (key block, query block) pair: the gate over den is ck * cq (broadcast; [BN, 1]
+    x [1, BM] off the diagonal, so no [BN, BM] gate tile is held; the masked [BN, BM]
+    exponentials x [1, BM] on it), without the s^2 (and 2 s^2 for dk) that the caller applies
+    at the end. The rounded dk summand is _attn_dq's dq summand up to float32 rounding of the
+    gate: the gate gradient sums q.dq - k.dk over all pairs after t, whose bf16 rounding
+    errors then cancel. PART 1 adds dv only, 2 dk only, 0 both."""
     sT = tl.dot(k, qT.to(DT), input_precision=PREC)
-    if PART != 2:
-        dv += tl.dot((sT * sT * c).to(DT), dyn.to(DT), input_precision=PREC)
     if PART != 1:
         pT = tl.dot(v, dyT.to(DT), input_precision=PREC)
-        dk += tl.dot(((pT - delta[None, :]) * sT * c).to(DT), qn.to(DT), input_precision=PREC)
+    u = sT * ck * cq
+    if PART != 2:
+        dv += tl.dot((sT * u).to(DT), dyn.to(DT), input_precision=PREC)
+    if PART != 1:
+        dk += tl.dot(((pT - delta[None, :]) * u).to(DT), qn.to(DT), input_precision=PREC)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
-def _attn_dkv(Q, K, V, Bg, DY, DEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
+def _attn_dkv(Q, K, V, Bg, DY, RDEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
               D_HEAD: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr):
     """dk and dv of BN keys: the group's queries in BM-row blocks, the diagonal ones masked.
@@ -212,28 +216,26 @@ def _attn_dkv(Q, K, V, Bg, DY, DEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
     for r in range(RG):
         hq = h * RG + r
         qoff = (b.to(tl.int64) * T * Hq + hq) * D_HEAD
-        rowbase = (b * Hq + hq).to(tl.int64) * T
+        rowbase = (b * Hq + hq).to(tl.int64) * Tp
         for qb in tl.range(n0 + BN, T, BM):
             qr = qb + tl.arange(0, BM)
-            qm = qr < T
-            qT, qn, dyT, dyn, den, delta = _query_tiles(Q, DY, DEN, DELTA, qoff, rowbase, qr, qm,
-                                                        cols, qrs, TRANS)
-            c = ek * (tl.exp(tl.load(gbase + qr) - bref) / den)[None, :]
-            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT, PREC, PART)
+            qT, qn, dyT, dyn, rden, delta = _query_tiles(Q, DY, RDEN, DELTA, qoff, rowbase, qr,
+                                                         cols, qrs, T, TRANS)
+            cq = (tl.exp(tl.load(gbase + qr) - bref) * rden)[None, :]
+            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, ek, cq, delta, dk, dv, DT, PREC, PART)
     # Queries in the block's own rows: masked, one exponential per pair.
     for r in range(RG):
         hq = h * RG + r
         qoff = (b.to(tl.int64) * T * Hq + hq) * D_HEAD
-        rowbase = (b * Hq + hq).to(tl.int64) * T
+        rowbase = (b * Hq + hq).to(tl.int64) * Tp
         for qb in tl.range(0, BN, BM, num_stages=1):
             qr = n0 + qb + tl.arange(0, BM)
-            qm = qr < T
-            qT, qn, dyT, dyn, den, delta = _query_tiles(Q, DY, DEN, DELTA, qoff, rowbase, qr, qm,
-                                                        cols, qrs, TRANS)
-            e = tl.where((qr[None, :] >= rows[:, None]) & qm[None, :],
+            qT, qn, dyT, dyn, rden, delta = _query_tiles(Q, DY, RDEN, DELTA, qoff, rowbase, qr,
+                                                         cols, qrs, T, TRANS)
+            e = tl.where(qr[None, :] >= rows[:, None],
                          tl.exp(tl.load(gbase + qr)[None, :] - bk[:, None]), 0.0)
-            c = e / den[None, :]
-            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, c, delta, dk, dv, DT, PREC, PART)
+            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, e, rden[None, :], delta, dk, dv,
+                               DT, PREC, PART)
     s2 = scale * scale
     if PART != 1:
         dk = dk * (2.0 * s2)

@@ -19,24 +19,33 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["V", "stride"])
-def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, V, stride, ignore_index, BV: tl.constexpr):
-    """One row: log-sum-exp by a running max and sum of exponentials, and the row's loss."""
+def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, V, stride, ignore_index, BV: tl.constexpr,
+            LANE_SUM: tl.constexpr):
+    """One row: log-sum-exp by a running max and sum of exponentials, and the row's loss.
+    One exp per logit (the block's max first). LANE_SUM keeps the sum per lane, rescaled by
+    one exp per block, and reduces it once at the end: one block reduction per block (the
+    max) instead of two."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
     target = tl.load(TARGETS + row).to(tl.int32)
     valid = target != ignore_index
     cols = tl.arange(0, BV)
-    # Running max and sum of exponentials over blocks: one exp per logit (the block's max
-    # first), the rescale of the sum once per block.
     m = float("-inf")
     s = 0.0
+    s_lanes = tl.zeros([BV], dtype=tl.float32)
     for off in range(0, V, BV):
         x = tl.load(base + off + cols, mask=off + cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # Guards: a block of -inf logits (masked vocabulary) must not make -inf - -inf = nan.
-        s = s * tl.exp(tl.where(m_new == float("-inf"), 0.0, m - m_new)) + \
-            tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new)), axis=0)
+        # A block of -inf logits (masked vocabulary) must not make -inf - -inf = nan: while
+        # the max is -inf, exponentiate against 0 (every term is then 0 anyway).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if LANE_SUM:
+            s_lanes = s_lanes * tl.exp(m - m_ref) + tl.exp(x - m_ref)
+        else:
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
         m = m_new
+    if LANE_SUM:
+        s = tl.sum(s_lanes, axis=0)
     lse = m + tl.log(s)
     x_t = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
@@ -61,8 +70,15 @@ def _ce_bwd(LOGITS, TARGETS, LSE, SCALE, GRAD, V, stride, ignore_index, BV: tl.c
         tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=c < V)
 
 
-def _block(V: int) -> int:
-    return min(4096, triton.next_power_of_2(V))
+# Launch settings by pass: (logits per block, warps, LANE_SUM for the forward), the fastest
+# of `benchmarks/cross_entropy.py --tune` (65,536 x 50,304 bf16 logits, H200, 2026-11-30):
+# forward 2.31 ms against 2.57 for (4096, 8, False), before; backward 3.79 ms.
+CE_FWD = (2048, 4, True)
+CE_BWD = (4096, 8)
+
+
+def _block(V: int, top: int) -> int:
+    return min(top, triton.next_power_of_2(V))
 
 
 @torch.library.custom_op("retention::triton_cross_entropy", mutates_args=())
@@ -74,8 +90,9 @@ def _ce_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     loss_rows = torch.empty(N, device=logits.device, dtype=torch.float32)
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     if N:
+        bv, warps, lane_sum = CE_FWD
         _ce_fwd[(N,)](logits, targets, loss_rows, lse, V, logits.stride(0), ignore_index,
-                      BV=_block(V), num_warps=8)
+                      BV=_block(V, bv), LANE_SUM=lane_sum, num_warps=warps)
     count = (targets != ignore_index).sum()
     return loss_rows.sum() / count.clamp(min=1), lse
 
@@ -94,8 +111,9 @@ def _ce_bwd_op(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
     grad = torch.empty((N, V), device=logits.device, dtype=logits.dtype)
     scale = dloss.float() / (targets != ignore_index).sum().clamp(min=1)
     if N:
+        bv, warps = CE_BWD
         _ce_bwd[(N,)](logits, targets, lse, scale, grad, V, logits.stride(0), ignore_index,
-                      BV=_block(V), num_warps=8)
+                      BV=_block(V, bv), num_warps=warps)
     return grad
 
 

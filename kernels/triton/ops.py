@@ -5,6 +5,7 @@ D canonical features (C(d+1, 2)), Di internal features (layout.py), N chunks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import lru_cache
@@ -172,6 +173,29 @@ if _PAIR_ENV not in ("0", "1"):
 SCAN_PAIR = _PAIR_ENV == "1"
 
 
+# dq of the chunked backward on a side stream, beside the reverse state scan and dk/dv (CUDA
+# only): dq reads the forward's states, not the state gradients, and with few programs per
+# head (B x H small: B=1 x 12 heads at 64k in the small model) the scan's last wave leaves
+# SMs idle. RETENTION_TRITON_OVERLAP_DQ=0 runs it in stream order. Each kernel writes only
+# its own outputs, so the overlap changes no bit (gpu_check.py's determinism case).
+_OVERLAP_ENV = os.environ.get("RETENTION_TRITON_OVERLAP_DQ", "1")
+if _OVERLAP_ENV not in ("0", "1"):
+    raise ValueError(f"RETENTION_TRITON_OVERLAP_DQ must be 0 or 1, got {_OVERLAP_ENV!r}")
+OVERLAP_DQ = _OVERLAP_ENV == "1"
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One extra CUDA stream per device, or None (off CUDA, e.g. under the interpreter, or
+    with OVERLAP_DQ off)."""
+    if device.type != "cuda" or not OVERLAP_DQ:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
 def _row_group(d, reverse=False, paired=True):
     """Rows a per state-scan program (accumulators of [d, 64]): 2, except 4 at d=128 in the
     forward scan (16% faster forward) and, with rows in pairs, in the reverse scan too (6%
@@ -302,7 +326,7 @@ def _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec):
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, num_warps=warps, num_stages=stages)
 
 
-def _attention_bwd(q, k, v, log_g, dy, den, delta, scale, dt_tl, prec):
+def _attention_bwd(q, k, v, log_g, dy, rden, delta, scale, dt_tl, prec):
     """The one-chunk backward (attention.py): dq, dk, dv in the inputs' dtype and the gate
     gradient's summand dG [B,H,T] = (sum over the group of q.dq - k.dk)/2."""
     B, T, Hq, d = q.shape
@@ -314,13 +338,13 @@ def _attention_bwd(q, k, v, log_g, dy, den, delta, scale, dt_tl, prec):
     kdk = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     bm, bn, warps, stages = _attn_blocks("dq", d, dt_tl)
     launch.fitted(attention._attn_dq, (triton.cdiv(T, bm), B * Hq),
-        q, k, v, bg, dy, den, delta, dq, qdq, scale, T, H, Hq, Tp,
+        q, k, v, bg, dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
         num_warps=warps, num_stages=stages)
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
         bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
         launch.fitted(attention._attn_dkv, (triton.cdiv(T, bn), B * H),
-            q, k, v, bg, dy, den, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
+            q, k, v, bg, dy, rden, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
             num_warps=warps, num_stages=stages)
     return dq, dk, dv, 0.5 * (qdq.view(B, H, Hq // H, T).sum(2) - kdk)
@@ -343,21 +367,27 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
     H = k.shape[2]
     bm, n, Tp = _plan(T, chunk)
     Di = internal_dim(d)
-    dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi, dZi, chunk, n, T, H, Hq,
-                                         scale, dt_tl, dt_torch, prec, reverse=True,
-                                         store_fin=want_dS0)
     # dq and dk are summed in float32 (block-wise adds from the state terms) before the cast.
     dq32 = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk32 = torch.empty(k.shape, device=q.device, dtype=torch.float32)
-    launch.fitted(chunked._dq_bwd, (Tp // bm, B * Hq),
-        q, k, v, bg, Sst, Zst, dy, den, delta, dq32, dq, qdq, scale, T, H, Hq, Tp, n,
-        D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
-        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    side = _side_stream(q.device)
+    if side is not None:   # everything dq reads is ready on the caller's stream by now
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi, dZi, chunk, n, T, H, Hq,
+                                         scale, dt_tl, dt_torch, prec, reverse=True,
+                                         store_fin=want_dS0)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        launch.fitted(chunked._dq_bwd, (Tp // bm, B * Hq),
+            q, k, v, bg, Sst, Zst, dy, den, delta, dq32, dq, qdq, scale, T, H, Hq, Tp, n,
+            D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
+            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     for part in DKV_PARTS[DKV_LAUNCH[d]]:
         launch.fitted(chunked._dkv_bwd, (Tp // bm, B * H),
             q, k, v, bg, dSst, dZst, dy, den, delta, dk32, dk, dv, kdk, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
             RANK1=CHUNK_RANK1, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    if side is not None:   # dq's outputs, and every buffer it reads, then belong to the caller
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return dS0i, dZ0i
 
 
@@ -407,11 +437,16 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
         Sst, Zst, _, _ = _forward_states(k, v, bg, S0, z0, chunk, n, T, Hq, scale, dt_tl,
                                          dt_torch, prec, False)
     bt = max(16, 4096 // d)   # rows per row-wise program: a [bt, d] float32 tile of 4096
-    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    rowwise._row_delta[(triton.cdiv(T, bt), B * Hq)](dy, y.contiguous(), delta, T, Hq,
-                                                      D_HEAD=d, BT=bt)
+    # One chunk: 1/den too (the attention-form kernels multiply by it), both padded with
+    # zeros to the gates' length (those kernels read whole query blocks without masks).
+    tr = T if has_state else _attn_len(T)
+    delta = torch.empty(B, Hq, tr, device=q.device, dtype=torch.float32)
+    rden = torch.empty_like(delta) if not has_state else delta
+    rowwise._row_delta[(triton.cdiv(tr, bt), B * Hq)](
+        dy, y.contiguous(), delta, den, rden, T, tr, Hq, D_HEAD=d, BT=bt,
+        WANT_RDEN=not has_state)
     if not has_state:
-        dq, dk, dv, dG = _attention_bwd(q, k, v, log_g, dy, den, delta, scale, dt_tl, prec)
+        dq, dk, dv, dG = _attention_bwd(q, k, v, log_g, dy, rden, delta, scale, dt_tl, prec)
         return (dq, dk, dv, _log_gate_grad(dG), q.new_empty(0, dtype=torch.float32),
                 q.new_empty(0, dtype=torch.float32))
     if has_dS:

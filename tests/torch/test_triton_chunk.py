@@ -38,8 +38,8 @@ def test_short_sequences_run_as_one_chunk(monkeypatch):
 
 
 def test_launch_knobs_defaults_and_bad_values(monkeypatch):
-    """The dk/dv launch and the scan's value tile: defaults by head dim, and a bad setting
-    is an error naming the variable, not a silent fallback."""
+    """The dk/dv launch, the scan's value tile and dq's side stream: defaults by head dim,
+    and a bad setting is an error naming the variable, not a silent fallback."""
     import os
     import subprocess
     import sys
@@ -61,8 +61,14 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
     # 4 rows per scan program at d=128, in the reverse scan only with rows in pairs
     assert [ops._row_group(128), ops._row_group(128, True), ops._row_group(128, True, False),
             ops._row_group(64), ops._row_group(64, True)] == [4, 4, 2, 2, 2]
+    # dq's side stream: on by default, never off CUDA (no stream on a CPU tensor's device)
+    if "RETENTION_TRITON_OVERLAP_DQ" not in os.environ:
+        assert ops.OVERLAP_DQ
+    import torch
+    assert ops._side_stream(torch.device("cpu")) is None
     for name, bad, says in (("RETENTION_TRITON_DKV", "both", "must be one of"),
-                            ("RETENTION_TRITON_SCAN_PAIR", "yes", "must be 0 or 1")):
+                            ("RETENTION_TRITON_SCAN_PAIR", "yes", "must be 0 or 1"),
+                            ("RETENTION_TRITON_OVERLAP_DQ", "on", "must be 0 or 1")):
         proc = subprocess.run([sys.executable, "-c", "import retention.kernels.triton.ops"],
                               env=dict(os.environ, **{name: bad}),
                               capture_output=True, text=True, timeout=120)

@@ -45,11 +45,16 @@ def check_matches_torch():
     import torch
     import torch.nn.functional as F
 
-    from retention.kernels.triton import cross_entropy
+    from retention.kernels.triton import cross_entropy, loss as loss_kernels
 
-    # V = 5000: two 4096-wide blocks, the second partial.
-    for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 1e-3)):
+    # V = 5000: two 4096-wide blocks, the second partial; the forward's sum by block and by
+    # lane (CE_FWD's LANE_SUM); row 3's first block all -inf (a masked vocabulary).
+    for dtype, tol, lane_sum in ((torch.float32, 1e-6, False), (torch.float32, 1e-6, True),
+                                 (torch.float16, 1e-3, True)):
+        loss_kernels.CE_FWD = (4096, 8, lane_sum)
         logits, targets = _case(6, 5000, dtype)
+        logits[3, :4096] = float("-inf")
+        targets[3] = 4500
         a = logits.clone().requires_grad_()
         b = logits.clone().requires_grad_()
         loss = cross_entropy(a, targets)
