@@ -239,8 +239,8 @@ def quadratic():
     """One chunk (chunk = T: no state, the attention form of attention.py; the default up to
     ops.quadratic_max(d)) against 256-token chunks with states, fwd+bwd ms (same tokens and
     heads)."""
-    for T, d in ((1024, 32), (2048, 32), (4096, 32), (1024, 64), (2048, 64), (4096, 64),
-                 (8192, 64), (16384, 64), (4096, 128), (8192, 128), (16384, 128)):
+    for T, d in ((2048, 32), (4096, 32), (8192, 32), (4096, 64), (6144, 64), (8192, 64),
+                 (12288, 64), (16384, 64), (4096, 128), (8192, 128), (16384, 128)):
         res = {"chunk 256": ours(T, chunk=256, d=d), "one chunk": ours(T, chunk=T, d=d)}
         print(f"quadratic T={T} d={d}: " + ", ".join(f"{k} fwd {f:.2f} fwd+bwd {fb:.2f} ms"
                                                      for k, (f, fb) in res.items()), flush=True)

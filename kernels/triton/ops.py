@@ -26,10 +26,11 @@ MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-c
 # at 65,535 programs; larger batches run in slices of the batch (_in_batch_slices).
 MAX_GRID_Y = 65535
 # Up to this T (by head dim) the default is one chunk, the attention form: fwd+bwd ms against
-# 256-token chunks on an H200 (bf16, 65,536 tokens x 16 heads, 2026-11-30): d=32 7.00 vs 7.99
-# at 4k; d=64 9.70 vs 17.05 at 4k, 18.12 vs 16.90 at 8k (6k interpolates to ~14 vs 17);
-# d=128 61.1 vs 151.5 at 16k (32k extrapolates to ~122). d=16 is not measured: half of d=32's.
-QUADRATIC_MAX = {16: 2048, 32: 4096, 64: 6144, 128: 32768}
+# 256-token chunks on an H200 (bf16, 65,536 tokens x 16 heads, `benchmarks/kernels.py
+# --quadratic`, 2026-11-30): d=32 5.77 vs 6.73 at 4k, 10.91 vs 6.54 at 8k; d=64 14.19 vs
+# 16.03 at 8k, 19.49 vs 14.86 at 12k; d=128 49.2 vs 139.0 at 16k (32k extrapolates to ~98).
+# d=16 is not measured: half of d=32's.
+QUADRATIC_MAX = {16: 2048, 32: 4096, 64: 8192, 128: 32768}
 
 
 def _warps(d: int) -> int:

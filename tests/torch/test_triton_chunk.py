@@ -26,8 +26,9 @@ def test_short_sequences_run_as_one_chunk(monkeypatch):
     monkeypatch.delenv("RETENTION_TRITON_CHUNK", raising=False)
     monkeypatch.delenv("RETENTION_TRITON_QUADRATIC_MAX", raising=False)
     assert kernel_chunk(1000, None, 64) == 1024
-    assert kernel_chunk(6144, None, 64) == 6144
-    assert kernel_chunk(6145, None, 64) == 256
+    assert kernel_chunk(6000, None, 64) == 6016
+    assert kernel_chunk(8192, None, 64) == 8192
+    assert kernel_chunk(8193, None, 64) == 256
     assert kernel_chunk(300, None, 32) == 320
     assert kernel_chunk(8192, None, 32) == 256
     assert kernel_chunk(32768, None, 128) == 32768
