@@ -27,9 +27,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _query_rows(Bg, T, H, Hq, Tp, D_HEAD: tl.constexpr, BM: tl.constexpr):
+def _query_rows(T, H, Hq, Tp, D_HEAD: tl.constexpr, BM: tl.constexpr):
     """A (query block, query head) program's rows, longest blocks first (the last rows see
-    the most keys), and base pointers of its query head, KV head and gates."""
+    the most keys), the offsets of its query head and KV head, and of its gates' row (in Bg
+    and in any [B*H, Tp] array laid out like them)."""
     pm = tl.num_programs(0) - 1 - tl.program_id(0)
     pbh = tl.program_id(1)
     b = pbh // Hq
@@ -39,15 +40,16 @@ def _query_rows(Bg, T, H, Hq, Tp, D_HEAD: tl.constexpr, BM: tl.constexpr):
     rows = m0 + tl.arange(0, BM)
     qoff = (b.to(tl.int64) * T * Hq + hq) * D_HEAD
     kvoff = (b.to(tl.int64) * T * H + h) * D_HEAD
-    gbase = Bg + (b * H + h).to(tl.int64) * Tp
-    return pbh, m0, rows, rows < T, qoff, kvoff, gbase
+    goff = (b * H + h).to(tl.int64) * Tp
+    return pbh, m0, rows, rows < T, qoff, kvoff, goff
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
 def _attn_fwd(Q, K, V, Bg, Y, DEN, scale, T, H, Hq, Tp,
               D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr):
-    pbh, m0, rows, rm, qoff, kvoff, gbase = _query_rows(Bg, T, H, Hq, Tp, D_HEAD, BM)
+    pbh, m0, rows, rm, qoff, kvoff, goff = _query_rows(T, H, Hq, Tp, D_HEAD, BM)
+    gbase = Bg + goff
     cols = tl.arange(0, D_HEAD)
     qrs = Hq * D_HEAD
     krs = H * D_HEAD
@@ -88,10 +90,16 @@ def _attn_fwd(Q, K, V, Bg, Y, DEN, scale, T, H, Hq, Tp,
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
-def _attn_dq(Q, K, V, Bg, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
+def _attn_dq(Q, K, V, Bg, EK, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
              D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
-    pbh, m0, rows, rm, qoff, kvoff, gbase = _query_rows(Bg, T, H, Hq, Tp, D_HEAD, BM)
+    """dq of BM queries. Off the diagonal the gate splits at the key block's last position R:
+    e^{b_i - b_R} per query (a few exponentials per thread and block) times EK_j = e^{b_R - b_j}
+    per key, read from memory (ops._key_decay), where an exponential per key and thread took
+    ~40 instructions per block pair."""
+    pbh, m0, rows, rm, qoff, kvoff, goff = _query_rows(T, H, Hq, Tp, D_HEAD, BM)
+    gbase = Bg + goff
+    ekbase = EK + goff
     cols = tl.arange(0, D_HEAD)
     qrs = Hq * D_HEAD
     krs = H * D_HEAD
@@ -101,16 +109,15 @@ def _attn_dq(Q, K, V, Bg, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
     rden = tl.load(RDEN + pbh.to(tl.int64) * Tp + rows)
     delta = tl.load(DELTA + pbh.to(tl.int64) * Tp + rows)
     bq = tl.load(gbase + rows)
-    bref = tl.load(gbase + m0)
-    eq = tl.exp(bq - bref) * rden
     dq = tl.zeros([BM, D_HEAD], dtype=tl.float32)
     for kb in tl.range(0, m0, BN):
         kr = kb + tl.arange(0, BN)
         kT, vT, kn = _key_tiles(K, V, kvoff, kr, kr, cols, krs, TRANS, False)
         s = tl.dot(q, kT.to(DT), input_precision=PREC)
         p = tl.dot(dy, vT.to(DT), input_precision=PREC)
-        c = eq[:, None] * tl.exp(bref - tl.load(gbase + kr))[None, :]
-        dq += tl.dot(((p - delta[:, None]) * s * c).to(DT), kn.to(DT), input_precision=PREC)
+        cq = tl.exp(bq - tl.load(gbase + kb + BN - 1)) * rden
+        u = s * tl.load(ekbase + kr)[None, :] * cq[:, None]
+        dq += tl.dot(((p - delta[:, None]) * u).to(DT), kn.to(DT), input_precision=PREC)
     for kb in tl.range(0, BM, BN, num_stages=1):
         kr = m0 + kb + tl.arange(0, BN)
         km = kr < T

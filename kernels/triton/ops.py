@@ -339,7 +339,7 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, scale, dt_tl, prec):
     kdk = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     bm, bn, warps, stages = _attn_blocks("dq", d, dt_tl)
     launch.fitted(attention._attn_dq, (triton.cdiv(T, bm), B * Hq),
-        q, k, v, bg, dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
+        q, k, v, bg, _key_decay(bg, bn), dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
         num_warps=warps, num_stages=stages)
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
@@ -349,6 +349,14 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, scale, dt_tl, prec):
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
             num_warps=warps, num_stages=stages)
     return dq, dk, dv, 0.5 * (qdq.view(B, H, Hq // H, T).sum(2) - kdk)
+
+
+def _key_decay(bg: torch.Tensor, block: int) -> torch.Tensor:
+    """e^{b_R - b_j} for every key j, R the last position of j's block of `block` keys
+    (<= 1: b does not increase), [B*H, Tp] like the gates bg: the key side of the one-chunk dq
+    kernel's gate off the diagonal."""
+    by_block = bg.view(bg.shape[0], -1, block)
+    return torch.exp(by_block[..., -1:] - by_block).view(bg.shape)
 
 
 def _log_gate_grad(dG_BHT: torch.Tensor) -> torch.Tensor:
