@@ -93,10 +93,10 @@ def _attn_fwd(Q, K, V, Bg, Y, DEN, scale, T, H, Hq, Tp,
 def _attn_dq(Q, K, V, Bg, EK, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
              D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
-    """dq of BM queries. Off the diagonal the gate splits at the key block's last position R:
-    e^{b_i - b_R} per query (a few exponentials per thread and block) times EK_j = e^{b_R - b_j}
-    per key, read from memory (ops._key_decay), where an exponential per key and thread took
-    ~40 instructions per block pair."""
+    """dq of BM queries. Off the diagonal the gate splits at the key block's last position R,
+    as in _attn_dkv: e^{b_i - b_R} / den_i per query (two exponentials per thread and block
+    pair) times EK_j = e^{b_R - b_j} per key, read from memory (ops._key_decay). An
+    exponential per key column and thread had cost 74 of 423 instructions per 64 x 64 pair."""
     pbh, m0, rows, rm, qoff, kvoff, goff = _query_rows(T, H, Hq, Tp, D_HEAD, BM)
     gbase = Bg + goff
     ekbase = EK + goff
