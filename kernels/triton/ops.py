@@ -327,16 +327,13 @@ def _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec):
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, num_warps=warps, num_stages=stages)
 
 
-def _attention_bwd(q, k, v, log_g, dy, rden, delta, scale, dt_tl, prec):
-    """The one-chunk backward (attention.py): dq, dk, dv in the inputs' dtype and the gate
-    gradient's summand dG [B,H,T] = (sum over the group of q.dq - k.dk)/2."""
+def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale, dt_tl, prec):
+    """The one-chunk backward (attention.py): dq, dk, dv in place in the inputs' dtype, with
+    the row sums q.dq [B,Hq,T] and k.dk [B,H,T]."""
     B, T, Hq, d = q.shape
     H = k.shape[2]
     Tp = _attn_len(T)
     bg = _chunk_gates(log_g, Tp, 1)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    qdq = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    kdk = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     bm, bn, warps, stages = _attn_blocks("dq", d, dt_tl)
     launch.fitted(attention._attn_dq, (triton.cdiv(T, bm), B * Hq),
         q, k, v, bg, _key_decay(bg, bn), dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
@@ -348,7 +345,6 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, scale, dt_tl, prec):
             q, k, v, bg, dy, rden, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
             num_warps=warps, num_stages=stages)
-    return dq, dk, dv, 0.5 * (qdq.view(B, H, Hq // H, T).sum(2) - kdk)
 
 
 def _key_decay(bg: torch.Tensor, block: int) -> torch.Tensor:
@@ -454,23 +450,23 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     rowwise._row_delta[(triton.cdiv(tr, bt), B * Hq)](
         dy, y.contiguous(), delta, den, rden, T, tr, Hq, D_HEAD=d, BT=bt,
         WANT_RDEN=not has_state)
-    if not has_state:
-        dq, dk, dv, dG = _attention_bwd(q, k, v, log_g, dy, rden, delta, scale, dt_tl, prec)
-        return (dq, dk, dv, _log_gate_grad(dG), q.new_empty(0, dtype=torch.float32),
-                q.new_empty(0, dtype=torch.float32))
-    if has_dS:
-        dS = torch.zeros_like(S) if dS is None else dS
-        dz = torch.zeros_like(z) if dz is None else dz
-        dSi, dZi = _internal_state(dS.float(), dz.float(), B, H)
     # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
     # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2; the
     # kernels write the row sums with the gradients (in the input dtype).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qdq = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     kdk = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    dS0i, dZ0i = _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst,
-                              dSi if has_dS else None, dZi if has_dS else None, dq, dk, dv,
-                              qdq, kdk, scale, chunk, S0 is not None, dt_tl, dt_torch, prec)
+    if not has_state:   # (no initial state, no state gradient)
+        _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale, dt_tl,
+                       prec)
+    else:
+        if has_dS:
+            dS = torch.zeros_like(S) if dS is None else dS
+            dz = torch.zeros_like(z) if dz is None else dz
+            dSi, dZi = _internal_state(dS.float(), dz.float(), B, H)
+        dS0i, dZ0i = _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst,
+                                  dSi if has_dS else None, dZi if has_dS else None, dq, dk, dv,
+                                  qdq, kdk, scale, chunk, S0 is not None, dt_tl, dt_torch, prec)
     dG = 0.5 * (qdq.view(B, H, Hq // H, T).sum(2) - kdk)
     if has_dS:
         dG[:, :, -1] += (dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)
