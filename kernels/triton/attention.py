@@ -45,7 +45,7 @@ def _query_rows(T, H, Hq, Tp, D_HEAD: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
-def _attn_fwd(Q, K, V, Bg, Y, DEN, scale, T, H, Hq, Tp,
+def _attn_fwd(Q, K, V, Bg, EK, Y, DEN, scale, T, H, Hq, Tp,
               D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr):
     pbh, m0, rows, rm, qoff, kvoff, goff = _query_rows(T, H, Hq, Tp, D_HEAD, BM)
@@ -64,7 +64,9 @@ def _attn_fwd(Q, K, V, Bg, Y, DEN, scale, T, H, Hq, Tp,
         kr = kb + tl.arange(0, BN)
         kT = tl.load(K + kvoff + kr[None, :] * krs + cols[:, None])
         s = tl.dot(q, kT.to(DT), input_precision=PREC)
-        w = s * s * tl.exp(bref - tl.load(gbase + kr))[None, :]
+        # e^{bref - b_j} = e^{bref - b_R} (one exponential per block) x EK_j = e^{b_R - b_j}
+        col = tl.load(EK + goff + kr) * tl.exp(bref - tl.load(gbase + kb + BN - 1))
+        w = s * s * col[None, :]
         vb = tl.load(V + kvoff + kr[:, None] * krs + cols[None, :])
         acc += tl.dot(w.to(DT), vb.to(DT), input_precision=PREC)
         den += tl.sum(w, axis=1)

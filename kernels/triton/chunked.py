@@ -6,8 +6,9 @@ d values. The denominator's state is the d x d Gram matrix Z = sum k k^T (phi(q)
 Every state matmul is then a plain dot with one operand scaled by one column x_a: no feature
 tile is ever reshaped. In the row-block kernels the scaled [rows, W] tile of x stays in the
 wgmma register layout (A operand from registers) while the pipeliner streams the state rows;
-in the scan the values tile is scaled instead (B operand, rebuilt in shared memory per row a)
-so that x^T feeds the tensor cores straight from shared memory (_scaled_dot).
+in the scan the B operand carries the scale, rebuilt in shared memory per row a: by default
+(TRANS) x's block columns, W_I wide, against y^T straight from shared memory; otherwise the
+values tile against x^T (_scaled_dot, _paired_dot).
 
   _state_scan   one program per (group of AG rows a | the Gram matrix, value tile, KV head)
                 walks every chunk: stores the state entering the chunk, decays, adds the chunk.
@@ -45,7 +46,7 @@ def _scaled_dot(xT, yb, scale_t, acc, BSIDE: tl.constexpr, DT: tl.constexpr,
                 PREC: tl.constexpr):
     """acc += x^T diag(scale_t) y. BSIDE scales y's rows (a new shared-memory B operand per
     call, x^T feeds the tensor cores straight from shared memory); else x^T's columns in
-    registers (A operand)."""
+    registers (A operand). The transposed scan (TRANS) passes y^T as xT and x as yb."""
     if BSIDE:
         return tl.dot(xT.to(DT), (yb * scale_t[:, None]).to(DT), acc, input_precision=PREC)
     else:
@@ -104,7 +105,8 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
                 D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                 AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
-                STORE_FIN: tl.constexpr, PAIR: tl.constexpr = False):
+                STORE_FIN: tl.constexpr, PAIR: tl.constexpr = False,
+                TRANS: tl.constexpr = False):
     """Forward (X = k, Yv = v): Sst[n] = state entering chunk n, FIN = final state.
     REVERSE (X = q, Yv = dy, over the group's query heads): Sst[n] = gradient of the state
     leaving chunk n, FIN = gradient of the initial state. Program axis 0: groups of AG rows a
@@ -113,16 +115,46 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
     STORE_FIN: write FIN (a [B*H, Di, d] float32 store: skipped when nobody reads it).
     PAIR (with BSIDE, AG even): rows a come in pairs whose values tiles sit side by side, one
     [d, 2 BV] accumulator and one dot of twice the width per pair instead of two.
+    TRANS (with BSIDE): the accumulators hold the state rows transposed, [values, features]:
+    the dot is y^T diag(x_a fac) x[:, block I's columns], so the rebuilt operand and the MMA
+    width are W_I (rounded up to a power of two) instead of d: a block of 16 features costs a
+    quarter of a block of 64 (in the [features, values] form M is d for every block).
     Grid (B*H*NV, NAG + 1): blocks launch x-fastest, so the cheap Gram programs come last and
     fill the tail of the last wave."""
     if tl.program_id(1) == D_HEAD // AG:
         _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_Z, Zst, FIN_Z, scale, T, H, Hq, Tp, N,
                    D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
                    True, False)
-    else:
+    elif not TRANS:
         _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
                    D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
                    False, PAIR)
+    else:
+        # One static path per power-of-two width WN >= W_I (W_I >= 16): d, d/2, d/4, d/8.
+        W = D_HEAD - 16 * ((tl.program_id(1) * AG) // 16)
+        if W > D_HEAD // 2:
+            _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
+                       D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE,
+                       STORE_FIN, False, PAIR, True, D_HEAD)
+        else:
+            if D_HEAD // 2 >= 16:
+                if W > D_HEAD // 4:
+                    _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq,
+                               Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE,
+                               BSIDE, STORE_FIN, False, PAIR, True, D_HEAD // 2)
+                else:
+                    if D_HEAD // 4 >= 16:
+                        if W > D_HEAD // 8:
+                            _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T,
+                                       H, Hq, Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT, PREC,
+                                       HAS_INIT, REVERSE, BSIDE, STORE_FIN, False, PAIR, True,
+                                       D_HEAD // 4)
+                        else:
+                            if D_HEAD // 8 >= 16:
+                                _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale,
+                                           T, H, Hq, Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT,
+                                           PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN, False,
+                                           PAIR, True, D_HEAD // 8)
 
 
 @triton.jit
@@ -130,18 +162,23 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
                D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
-               STORE_FIN: tl.constexpr, IS_Z: tl.constexpr, PAIR: tl.constexpr):
+               STORE_FIN: tl.constexpr, IS_Z: tl.constexpr, PAIR: tl.constexpr,
+               TRANS: tl.constexpr = False, WN: tl.constexpr = 0):
+    """One scan program (see _state_scan). Accumulators are [features, values] (rows b of
+    x^T, d of them, those past W_I masked), or with TRANS [values, features] (WN columns
+    b = 16 I + c, those with c >= W_I masked); PAIR puts two rows a side by side in one."""
     NV: tl.constexpr = D_HEAD // BV
     RP: tl.constexpr = 2 if PAIR else 1          # rows a per accumulator
     NS: tl.constexpr = 1 if IS_Z else AG // RP   # accumulators
-    SW: tl.constexpr = RP * BV                   # accumulator width (PAIR: two rows a)
+    SW: tl.constexpr = RP * (WN if TRANS else BV)   # accumulator width (PAIR: two rows a)
+    NF: tl.constexpr = WN if TRANS else D_HEAD      # features held per row a (M or N)
     g = tl.program_id(1)
     bh = tl.program_id(0) // NV
     pv = tl.program_id(0) % NV
     b = bh // H
     h = bh % H
     RG = Hq // H
-    r = tl.arange(0, D_HEAD)
+    r = tl.arange(0, NF)
     vc = pv * BV + tl.arange(0, BV)
     bh64 = bh.to(tl.int64)
     if IS_Z:
@@ -162,11 +199,17 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
         wrow = tl.where(rows_b < 16 * I + 16, 1.0, SQRT2)
         LEN: tl.constexpr = DINT
         srow = 16 * (I * D_HEAD - 8 * I * (I - 1)) + (a0 - 16 * I) * W + r
-    smask = (r < W)[:, None] & (vc < D_HEAD)[None, :]
-    sptr = srow[:, None] * D_HEAD + vc[None, :]
     ROW = W * D_HEAD          # from one row a's stored features to the next's
-    wcol = wrow[:, None]      # the accumulators hold unweighted rows; weights on load/store
-    acc0 = tl.zeros([D_HEAD, SW], dtype=tl.float32)
+    if TRANS:
+        smask = (r < W)[None, :] & (vc < D_HEAD)[:, None]
+        sptr = srow[None, :] * D_HEAD + vc[:, None]
+        wcol = wrow[None, :]
+        acc0 = tl.zeros([BV, SW], dtype=tl.float32)
+    else:
+        smask = (r < W)[:, None] & (vc < D_HEAD)[None, :]
+        sptr = srow[:, None] * D_HEAD + vc[None, :]
+        wcol = wrow[:, None]  # the accumulators hold unweighted rows; weights on load/store
+        acc0 = tl.zeros([D_HEAD, SW], dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
@@ -228,22 +271,29 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
                 fac = -fac * tl.load(DELTA + rb + tj, mask=tmj, other=0.0)  # f dden
         else:
             fac = tl.exp(blast_j - bt)                          # phi(k e^{(bl-b)/2})
-        xT = _src_tile(xb, tj, tmj, xrs, rows_b, bmask)
-        yb = tl.load(yb_base + tj[:, None].to(tl.int64) * xrs + vc[None, :],
-                     mask=tmj[:, None], other=0.0).to(tl.float32)
-        if IS_Z:
-            acc0 = _scaled_dot(xT, yb, fac, acc0, BSIDE, DT, PREC)
-        elif PAIR:
-            acc0 = _paired_dot(xT, yb, xa0 * fac, xa1 * fac, acc0, DT, PREC)
-            if NS > 1:
-                acc1 = _paired_dot(xT, yb, xa2 * fac, xa3 * fac, acc1, DT, PREC)
+        if TRANS:
+            # y^T (A, straight from shared memory) times x's block columns scaled per row a.
+            lhs = tl.load(yb_base + tj[None, :].to(tl.int64) * xrs + vc[:, None],
+                          mask=tmj[None, :], other=0.0).to(DT)
+            rhs = tl.load(xb + tj[:, None].to(tl.int64) * xrs + rows_b[None, :],
+                          mask=tmj[:, None] & bmask[None, :], other=0.0).to(tl.float32)
         else:
-            acc0 = _scaled_dot(xT, yb, xa0 * fac, acc0, BSIDE, DT, PREC)
+            lhs = _src_tile(xb, tj, tmj, xrs, rows_b, bmask)
+            rhs = tl.load(yb_base + tj[:, None].to(tl.int64) * xrs + vc[None, :],
+                          mask=tmj[:, None], other=0.0).to(tl.float32)
+        if IS_Z:
+            acc0 = _scaled_dot(lhs, rhs, fac, acc0, BSIDE, DT, PREC)
+        elif PAIR:
+            acc0 = _paired_dot(lhs, rhs, xa0 * fac, xa1 * fac, acc0, DT, PREC)
+            if NS > 1:
+                acc1 = _paired_dot(lhs, rhs, xa2 * fac, xa3 * fac, acc1, DT, PREC)
+        else:
+            acc0 = _scaled_dot(lhs, rhs, xa0 * fac, acc0, BSIDE, DT, PREC)
             if AG > 1:
-                acc1 = _scaled_dot(xT, yb, xa1 * fac, acc1, BSIDE, DT, PREC)
+                acc1 = _scaled_dot(lhs, rhs, xa1 * fac, acc1, BSIDE, DT, PREC)
             if AG > 2:
-                acc2 = _scaled_dot(xT, yb, xa2 * fac, acc2, BSIDE, DT, PREC)
-                acc3 = _scaled_dot(xT, yb, xa3 * fac, acc3, BSIDE, DT, PREC)
+                acc2 = _scaled_dot(lhs, rhs, xa2 * fac, acc2, BSIDE, DT, PREC)
+                acc3 = _scaled_dot(lhs, rhs, xa3 * fac, acc3, BSIDE, DT, PREC)
     if STORE_FIN:   # skipped when nobody reads it (no state returned / no initial state)
         _store_accs(FIN + bh64 * LEN * D_HEAD + sptr, acc0, acc1, acc2, acc3, wcol, smask, ROW,
                     NS, PAIR)

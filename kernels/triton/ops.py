@@ -173,6 +173,14 @@ if _PAIR_ENV not in ("0", "1"):
     raise ValueError(f"RETENTION_TRITON_SCAN_PAIR must be 0 or 1, got {_PAIR_ENV!r}")
 SCAN_PAIR = _PAIR_ENV == "1"
 
+# With operand "b" and tensor-core operands: the scan's accumulators as [values, features]
+# (chunked._state_scan TRANS), so a row a of W_I < d features rebuilds and multiplies W_I
+# columns, not d. Exact float32 dots (PREC "ieee") stay untransposed: they spill more so.
+_TRANS_ENV = os.environ.get("RETENTION_TRITON_SCAN_TRANS", "1")
+if _TRANS_ENV not in ("0", "1"):
+    raise ValueError(f"RETENTION_TRITON_SCAN_TRANS must be 0 or 1, got {_TRANS_ENV!r}")
+SCAN_TRANS = _TRANS_ENV == "1"
+
 
 # dq of the chunked backward on a side stream, beside the reverse state scan and dk/dv (CUDA
 # only): dq reads the forward's states, not the state gradients, and with few programs per
@@ -201,7 +209,9 @@ def _row_group(d, reverse=False, paired=True):
     """Rows a per state-scan program (accumulators of [d, 64]): 2, except 4 at d=128 in the
     forward scan (16% faster forward) and, with rows in pairs, in the reverse scan too (6%
     faster fwd+bwd, 141.5 against 150.2 ms; at d=64 4 rows were neutral to 2% slower; H200,
-    2026-11-30). RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4."""
+    2026-11-30). With the transposed scan at 4 warps, 4 rows at d=64 timed faster once (13.60
+    / 13.87 against 14.32-14.41 / 14.14 ms at 16k / 64k) but have not passed the GPU grid yet,
+    so 2 stays. RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4."""
     env = os.environ.get("RETENTION_TRITON_SCAN_ROWS")
     if env and env not in ("1", "2", "4"):
         raise ValueError(f"RETENTION_TRITON_SCAN_ROWS must be 1, 2 or 4, got {env!r}")
@@ -219,6 +229,17 @@ def _scan_values(d):
                              f"head dim {d}, got {env!r}")
         return int(env)
     return min(d, 64)
+
+
+def _scan_warps(d):
+    """Warps per state-scan program: 4 up to d=64, where the transposed accumulators are
+    [64, 128] and one warpgroup reads the y^T operand once (2 warpgroups split N and each read
+    it): 2.21 against 2.57 ms per scan at 64k, fwd+bwd 14.3 against 14.9 ms (H200, 2026-11-30);
+    8 at d=128, where 4 spill (170 against 139 ms). RETENTION_TRITON_SCAN_WARPS overrides."""
+    env = os.environ.get("RETENTION_TRITON_SCAN_WARPS")
+    if env and env not in ("4", "8"):
+        raise ValueError(f"RETENTION_TRITON_SCAN_WARPS must be 4 or 8, got {env!r}")
+    return int(env) if env else (4 if d <= 64 else 8)
 
 
 def _scan_step(chunk, d):
@@ -250,13 +271,15 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
     bv = _scan_values(d)
     has_init = init_S is not None
     bk, stages = _scan_step(chunk, d)
+    trans = SCAN_TRANS and SCAN_BSIDE and prec != "ieee"
     launch.fitted(chunked._state_scan, (B * H * (d // bv), d // ag + 1),
         X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
         init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,
         T, H, Hq, n * chunk, n,
         D_HEAD=d, DINT=Di, C=chunk, BK=bk, AG=ag, BV=bv, DT=dt_tl, PREC=prec,
         HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, STORE_FIN=store_fin,
-        PAIR=pair and ag % 2 == 0, num_warps=8, num_stages=stages)
+        PAIR=pair and ag % 2 == 0, TRANS=trans, num_warps=_scan_warps(d) if trans else 8,
+        num_stages=stages)
     return (Sst, Zst, SF, ZF) if store_fin else (Sst, Zst, None, None)
 
 
@@ -322,8 +345,9 @@ def _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec):
     H = k.shape[2]
     Tp = _attn_len(T)
     bm, bn, warps, stages = _attn_blocks("fwd", d, dt_tl)
+    bg = _chunk_gates(log_g, Tp, 1)
     launch.fitted(attention._attn_fwd, (triton.cdiv(T, bm), B * Hq),
-        q, k, v, _chunk_gates(log_g, Tp, 1), y, den, scale, T, H, Hq, Tp,
+        q, k, v, bg, _key_decay(bg, bn), y, den, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, num_warps=warps, num_stages=stages)
 
 
@@ -349,8 +373,8 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
 
 def _key_decay(bg: torch.Tensor, block: int) -> torch.Tensor:
     """e^{b_R - b_j} for every key j, R the last position of j's block of `block` keys
-    (<= 1: b does not increase), [B*H, Tp] like the gates bg: the key side of the one-chunk dq
-    kernel's gate off the diagonal."""
+    (<= 1: b does not increase), [B*H, Tp] like the gates bg: the key side of the one-chunk
+    forward's and dq kernel's gate off the diagonal."""
     by_block = bg.view(bg.shape[0], -1, block)
     return torch.exp(by_block[..., -1:] - by_block).view(bg.shape)
 

@@ -39,8 +39,9 @@ def test_short_sequences_run_as_one_chunk(monkeypatch):
 
 
 def test_launch_knobs_defaults_and_bad_values(monkeypatch):
-    """The dk/dv launch, the scan's value tile and dq's side stream: defaults by head dim,
-    and a bad setting is an error naming the variable, not a silent fallback."""
+    """The dk/dv launch, the scan's value tile, warps and orientation and dq's side stream:
+    defaults by head dim, and a bad setting is an error naming the variable, not a silent
+    fallback."""
     import os
     import subprocess
     import sys
@@ -58,6 +59,15 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
     if "RETENTION_TRITON_DKV" not in os.environ:
         assert ops.DKV_LAUNCH == {16: "sequential", 32: "sequential", 64: "sequential",
                                   128: "split"}
+    monkeypatch.delenv("RETENTION_TRITON_SCAN_WARPS", raising=False)
+    assert [ops._scan_warps(d) for d in (16, 32, 64, 128)] == [4, 4, 4, 8]
+    monkeypatch.setenv("RETENTION_TRITON_SCAN_WARPS", "8")
+    assert ops._scan_warps(64) == 8
+    monkeypatch.setenv("RETENTION_TRITON_SCAN_WARPS", "2")
+    with pytest.raises(ValueError, match="RETENTION_TRITON_SCAN_WARPS must be 4 or 8"):
+        ops._scan_warps(64)
+    if "RETENTION_TRITON_SCAN_TRANS" not in os.environ:
+        assert ops.SCAN_TRANS
     monkeypatch.delenv("RETENTION_TRITON_SCAN_ROWS", raising=False)
     # 4 rows per scan program at d=128, in the reverse scan only with rows in pairs
     assert [ops._row_group(128), ops._row_group(128, True), ops._row_group(128, True, False),
@@ -69,6 +79,7 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
     assert ops._side_stream(torch.device("cpu")) is None
     for name, bad, says in (("RETENTION_TRITON_DKV", "both", "must be one of"),
                             ("RETENTION_TRITON_SCAN_PAIR", "yes", "must be 0 or 1"),
+                            ("RETENTION_TRITON_SCAN_TRANS", "yes", "must be 0 or 1"),
                             ("RETENTION_TRITON_OVERLAP_DQ", "on", "must be 0 or 1")):
         proc = subprocess.run([sys.executable, "-c", "import retention.kernels.triton.ops"],
                               env=dict(os.environ, **{name: bad}),

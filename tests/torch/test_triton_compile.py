@@ -46,11 +46,16 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     scans = [c for name, c in launches if name == "_state_scan"]
     # The defaults: the scan's rows in pairs for bf16, 4 per program at d=128 (reverse too),
     # never for fp16 (float32 operands at tf32: triton 3.6 fails to compile that dot paired);
-    # dk/dv "sequential" (PART 3) below d=128 and split in two launches at 128.
-    assert {(c["D_HEAD"], c["DT"], c["PAIR"], c["AG"]) for c in scans} == {
-        ("64", "bf16", "True", "2"), ("128", "bf16", "True", "4"),
-        ("64", "fp32", "False", "2"), ("128", "fp32", "False", "4"),
-        ("128", "fp32", "False", "2")}
+    # accumulators transposed for both; dk/dv "sequential" (PART 3) below d=128 and split in
+    # two launches at 128.
+    assert {(c["D_HEAD"], c["DT"], c["PAIR"], c["AG"], c["TRANS"]) for c in scans} == {
+        ("64", "bf16", "True", "2", "True"), ("128", "bf16", "True", "4", "True"),
+        ("64", "fp32", "False", "2", "True"), ("128", "fp32", "False", "4", "True"),
+        ("128", "fp32", "False", "2", "True")}
+    # 4 warps per scan program up to d=64 (one warpgroup reads y^T once), 8 at d=128.
+    scan_warps = {(line.split()[1], dict(f.split("=") for f in line.split() if "=" in f)["D_HEAD"])
+                  for line in out.splitlines() if line.startswith("_state_scan")}
+    assert scan_warps == {("4", "64"), ("8", "128")}
     parts = {(c["D_HEAD"], c["PART"]) for name, c in launches
              if name == "_dkv_bwd" and c["DT"] == "bf16"}
     assert parts == {("64", "3"), ("128", "1"), ("128", "2")}

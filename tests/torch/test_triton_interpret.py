@@ -27,6 +27,7 @@ def _run_child(check: str, **extra_env) -> None:
 
 
 @pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "no_state_out", "chunk_48",
+                                   "scan_widths",
                                    "one_chunk", "one_chunk_state_out", "float16", "decode",
                                    "api", "checkpointed_compiled_layers", "batch_slices",
                                    "partial_outputs"])
@@ -42,12 +43,13 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_SCAN_BV": "16"},                       # two value tiles per head
     {"RETENTION_TRITON_SCAN_PAIR": "0"},                      # one dot per row a
     {"RETENTION_TRITON_SCAN_ROWS": "4", "RETENTION_TRITON_SCAN_PAIR": "0"},
+    {"RETENTION_TRITON_SCAN_TRANS": "0"},                     # [features, values] accumulators
     {"RETENTION_TRITON_DKV": "split"},                       # dv and dk in two launches
     {"RETENTION_TRITON_DKV": "joint"},                       # dv and dk in one pass
     {"RETENTION_TRITON_CHUNK_RANK1": "1"},                   # rank-one intra-chunk gate
     {"RETENTION_TRITON_CHUNK_RANK1": "1", "RETENTION_TRITON_DKV": "split"},
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
-        "scan-unpaired", "scan-unpaired-4-rows", "split-dkv", "joint-dkv", "rank-one-gate",
+        "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed", "split-dkv", "joint-dkv", "rank-one-gate",
         "rank-one-gate-split-dkv"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
@@ -154,6 +156,36 @@ def check_no_state_out():
 def check_chunk_48():
     """A chunk that is a multiple of 16 but not a power of two (16-token steps, 3 per chunk)."""
     _check_fwd_bwd(gates=True, state=True, Hq=2, H=1, chunk=48)
+
+
+def check_scan_widths():
+    """The transposed state scan's static paths by feature width (d=64: 64, 32, 16; d=128:
+    128, 64, 32, 16; fwd_bwd's d=32 has 32 and 16) against the untransposed scan, both
+    directions, per-chunk states and final state."""
+    import torch
+    import triton.language as tl
+
+    from retention.kernels.triton import ops
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, Hq, C = 1, 32, 1, 2, 16
+    for d in (64, 128):
+        k, v = torch.randn(B, T, H, d, generator=g), torch.randn(B, T, H, d, generator=g)
+        q, dy = torch.randn(B, T, Hq, d, generator=g), torch.randn(B, T, Hq, d, generator=g)
+        bg = -torch.rand(B * H, T, generator=g).cumsum(-1) * 0.1
+        den, delta = torch.rand(B * Hq, T, generator=g) + 1, torch.randn(B * Hq, T, generator=g)
+        for reverse in (False, True):
+            X, Y = (q, dy) if reverse else (k, v)
+            outs = []
+            for trans in (False, True):
+                ops.SCAN_TRANS = trans
+                outs.append(ops._state_scan(X, Y, bg, den if reverse else None,
+                                            delta if reverse else None, None, None, C, T // C,
+                                            T, H, Hq, 0.5, tl.float32, torch.float32, "tf32",
+                                            reverse))
+            for a, b in zip(*outs):
+                err = ((a - b).norm() / b.norm()).item()
+                assert err < 1e-6, (d, reverse, err)
 
 
 def check_one_chunk():
