@@ -115,10 +115,12 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
     STORE_FIN: write FIN (a [B*H, Di, d] float32 store: skipped when nobody reads it).
     PAIR (with BSIDE, AG even): rows a come in pairs whose values tiles sit side by side, one
     [d, 2 BV] accumulator and one dot of twice the width per pair instead of two.
-    TRANS (with BSIDE): the accumulators hold the state rows transposed, [values, features]:
-    the dot is y^T diag(x_a fac) x[:, block I's columns], so the rebuilt operand and the MMA
-    width are W_I (rounded up to a power of two) instead of d: a block of 16 features costs a
-    quarter of a block of 64 (in the [features, values] form M is d for every block).
+    TRANS: the accumulators hold the state rows transposed, [values, features]: the dot is
+    y^T diag(x_a fac) x[:, block I's columns], so the MMA width (and with BSIDE the rebuilt
+    operand) is W_I rounded up to a power of two instead of d: a block of 16 features costs a
+    quarter of a block of 64 (in the [features, values] form M is d for every block). Without
+    BSIDE, y^T diag(x_a fac) is formed in registers per row a and x's columns feed the tensor
+    cores from shared memory as loaded, with no tile rebuilt.
     Grid (B*H*NV, NAG + 1): blocks launch x-fastest, so the cheap Gram programs come last and
     fill the tail of the last wave."""
     if tl.program_id(1) == D_HEAD // AG:
@@ -272,11 +274,13 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
         else:
             fac = tl.exp(blast_j - bt)                          # phi(k e^{(bl-b)/2})
         if TRANS:
-            # y^T (A, straight from shared memory) times x's block columns scaled per row a.
+            # y^T times x's block columns; the per-token scale on x (BSIDE) or on y^T.
             lhs = tl.load(yb_base + tj[None, :].to(tl.int64) * xrs + vc[:, None],
                           mask=tmj[None, :], other=0.0).to(DT)
             rhs = tl.load(xb + tj[:, None].to(tl.int64) * xrs + rows_b[None, :],
-                          mask=tmj[:, None] & bmask[None, :], other=0.0).to(tl.float32)
+                          mask=tmj[:, None] & bmask[None, :], other=0.0)
+            if BSIDE:
+                rhs = rhs.to(tl.float32)
         else:
             lhs = _src_tile(xb, tj, tmj, xrs, rows_b, bmask)
             rhs = tl.load(yb_base + tj[:, None].to(tl.int64) * xrs + vc[None, :],

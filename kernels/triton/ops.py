@@ -271,7 +271,7 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
     bv = _scan_values(d)
     has_init = init_S is not None
     bk, stages = _scan_step(chunk, d)
-    trans = SCAN_TRANS and SCAN_BSIDE and prec != "ieee"
+    trans = SCAN_TRANS and prec != "ieee"
     launch.fitted(chunked._state_scan, (B * H * (d // bv), d // ag + 1),
         X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
         init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,

@@ -44,12 +44,14 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_SCAN_PAIR": "0"},                      # one dot per row a
     {"RETENTION_TRITON_SCAN_ROWS": "4", "RETENTION_TRITON_SCAN_PAIR": "0"},
     {"RETENTION_TRITON_SCAN_TRANS": "0"},                     # [features, values] accumulators
+    {"RETENTION_TRITON_SCAN_TRANS": "0", "RETENTION_TRITON_SCAN_OPERAND": "a"},
     {"RETENTION_TRITON_DKV": "split"},                       # dv and dk in two launches
     {"RETENTION_TRITON_DKV": "joint"},                       # dv and dk in one pass
     {"RETENTION_TRITON_CHUNK_RANK1": "1"},                   # rank-one intra-chunk gate
     {"RETENTION_TRITON_CHUNK_RANK1": "1", "RETENTION_TRITON_DKV": "split"},
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
-        "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed", "split-dkv", "joint-dkv", "rank-one-gate",
+        "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed", "scan-untransposed-operand-a",
+        "split-dkv", "joint-dkv", "rank-one-gate",
         "rank-one-gate-split-dkv"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
@@ -161,7 +163,8 @@ def check_chunk_48():
 def check_scan_widths():
     """The transposed state scan's static paths by feature width (d=64: 64, 32, 16; d=128:
     128, 64, 32, 16; fwd_bwd's d=32 has 32 and 16) against the untransposed scan, both
-    directions, per-chunk states and final state."""
+    directions, per-chunk states and final state, with the per-token scale on either operand
+    (ops.SCAN_BSIDE)."""
     import torch
     import triton.language as tl
 
@@ -174,7 +177,8 @@ def check_scan_widths():
         q, dy = torch.randn(B, T, Hq, d, generator=g), torch.randn(B, T, Hq, d, generator=g)
         bg = -torch.rand(B * H, T, generator=g).cumsum(-1) * 0.1
         den, delta = torch.rand(B * Hq, T, generator=g) + 1, torch.randn(B * Hq, T, generator=g)
-        for reverse in (False, True):
+        for reverse, bside in ((False, True), (True, True), (False, False), (True, False)):
+            ops.SCAN_BSIDE = bside
             X, Y = (q, dy) if reverse else (k, v)
             outs = []
             for trans in (False, True):
@@ -185,7 +189,7 @@ def check_scan_widths():
                                             reverse))
             for a, b in zip(*outs):
                 err = ((a - b).norm() / b.norm()).item()
-                assert err < 1e-6, (d, reverse, err)
+                assert err < 1e-6, (d, reverse, bside, err)
 
 
 def check_one_chunk():
