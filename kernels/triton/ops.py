@@ -20,6 +20,24 @@ import triton.language as tl
 from . import attention, chunked, decode, launch, rowwise
 from .layout import internal_dim, to_canonical, to_internal
 
+
+def _env_flag(name: str, default: bool) -> bool:
+    """A 0/1 switch from the environment; anything else is an error naming the variable."""
+    value = os.environ.get(name, "1" if default else "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _env_choice(name: str, choices: tuple[int, ...]) -> Optional[int]:
+    """An integer setting from the environment (None when unset), one of choices."""
+    value = os.environ.get(name)
+    if value and value not in {str(c) for c in choices}:
+        *head, last = map(str, choices)
+        raise ValueError(f"{name} must be {', '.join(head)} or {last}, got {value!r}")
+    return int(value) if value else None
+
+
 BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
 MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-chunk work grows
 # The row-block kernels put (batch x heads) on the launch grid's second axis, which CUDA caps
@@ -168,18 +186,12 @@ SCAN_BSIDE = os.environ.get("RETENTION_TRITON_SCAN_OPERAND", "b") == "b"
 # 1-2% faster fwd+bwd at d=64 (H200, 2026-11-30); RETENTION_TRITON_SCAN_PAIR=0 gives one dot
 # per row. float16 inputs (float32 operands at tf32 precision) never pair: triton 3.6 fails to
 # compile that dot (an MLIR pass error; benchmarks/sm90_compile.py shows it offline).
-_PAIR_ENV = os.environ.get("RETENTION_TRITON_SCAN_PAIR", "1")
-if _PAIR_ENV not in ("0", "1"):
-    raise ValueError(f"RETENTION_TRITON_SCAN_PAIR must be 0 or 1, got {_PAIR_ENV!r}")
-SCAN_PAIR = _PAIR_ENV == "1"
+SCAN_PAIR = _env_flag("RETENTION_TRITON_SCAN_PAIR", True)
 
 # With operand "b" and tensor-core operands: the scan's accumulators as [values, features]
 # (chunked._state_scan TRANS), so a row a of W_I < d features rebuilds and multiplies W_I
 # columns, not d. Exact float32 dots (PREC "ieee") stay untransposed: they spill more so.
-_TRANS_ENV = os.environ.get("RETENTION_TRITON_SCAN_TRANS", "1")
-if _TRANS_ENV not in ("0", "1"):
-    raise ValueError(f"RETENTION_TRITON_SCAN_TRANS must be 0 or 1, got {_TRANS_ENV!r}")
-SCAN_TRANS = _TRANS_ENV == "1"
+SCAN_TRANS = _env_flag("RETENTION_TRITON_SCAN_TRANS", True)
 
 
 # dq of the chunked backward on a side stream, beside the reverse state scan and dk/dv (CUDA
@@ -187,10 +199,7 @@ SCAN_TRANS = _TRANS_ENV == "1"
 # head (B x H small: B=1 x 12 heads at 64k in the small model) the scan's last wave leaves
 # SMs idle. RETENTION_TRITON_OVERLAP_DQ=0 runs it in stream order. Each kernel writes only
 # its own outputs, so the overlap changes no bit (gpu_check.py's determinism case).
-_OVERLAP_ENV = os.environ.get("RETENTION_TRITON_OVERLAP_DQ", "1")
-if _OVERLAP_ENV not in ("0", "1"):
-    raise ValueError(f"RETENTION_TRITON_OVERLAP_DQ must be 0 or 1, got {_OVERLAP_ENV!r}")
-OVERLAP_DQ = _OVERLAP_ENV == "1"
+OVERLAP_DQ = _env_flag("RETENTION_TRITON_OVERLAP_DQ", True)
 _SIDE_STREAMS: dict = {}
 
 
@@ -212,10 +221,8 @@ def _row_group(d, reverse=False, paired=True):
     2026-11-30). With the transposed scan at 4 warps, 4 rows at d=64 timed faster once (13.60
     / 13.87 against 14.32-14.41 / 14.14 ms at 16k / 64k) but have not passed the GPU grid yet,
     so 2 stays. RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4."""
-    env = os.environ.get("RETENTION_TRITON_SCAN_ROWS")
-    if env and env not in ("1", "2", "4"):
-        raise ValueError(f"RETENTION_TRITON_SCAN_ROWS must be 1, 2 or 4, got {env!r}")
-    return int(env) if env else (4 if d >= 128 and (paired or not reverse) else 2)
+    rows = _env_choice("RETENTION_TRITON_SCAN_ROWS", (1, 2, 4))
+    return rows or (4 if d >= 128 and (paired or not reverse) else 2)
 
 
 def _scan_values(d):
@@ -236,10 +243,7 @@ def _scan_warps(d):
     [64, 128] and one warpgroup reads the y^T operand once (2 warpgroups split N and each read
     it): 2.21 against 2.57 ms per scan at 64k, fwd+bwd 14.3 against 14.9 ms (H200, 2026-11-30);
     8 at d=128, where 4 spill (170 against 139 ms). RETENTION_TRITON_SCAN_WARPS overrides."""
-    env = os.environ.get("RETENTION_TRITON_SCAN_WARPS")
-    if env and env not in ("4", "8"):
-        raise ValueError(f"RETENTION_TRITON_SCAN_WARPS must be 4 or 8, got {env!r}")
-    return int(env) if env else (4 if d <= 64 else 8)
+    return _env_choice("RETENTION_TRITON_SCAN_WARPS", (4, 8)) or (4 if d <= 64 else 8)
 
 
 def _scan_step(chunk, d):

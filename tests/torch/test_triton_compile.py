@@ -41,7 +41,9 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     proc = _compile(tmp_path, "--dtypes", "bfloat16", "float16", "--dims", "64", "128")
     out = proc.stdout
     assert proc.returncode == 0 and "FAIL" not in out, out[-3000:] + proc.stderr[-3000:]
-    launches = [(line.split()[0], dict(f.split("=") for f in line.split() if "=" in f))
+    # (kernel, its settings and warps) from each line: name, warps, stages, ..., KEY=VALUE
+    launches = [(line.split()[0], dict((f.split("=") for f in line.split() if "=" in f),
+                                       warps=line.split()[1]))
                 for line in out.splitlines() if line.startswith("_")]
     scans = [c for name, c in launches if name == "_state_scan"]
     # The defaults: the scan's rows in pairs for bf16, 4 per program at d=128 (reverse too),
@@ -53,9 +55,7 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         ("64", "fp32", "False", "2", "True"), ("128", "fp32", "False", "4", "True"),
         ("128", "fp32", "False", "2", "True")}
     # 4 warps per scan program up to d=64 (one warpgroup reads y^T once), 8 at d=128.
-    scan_warps = {(line.split()[1], dict(f.split("=") for f in line.split() if "=" in f)["D_HEAD"])
-                  for line in out.splitlines() if line.startswith("_state_scan")}
-    assert scan_warps == {("4", "64"), ("8", "128")}
+    assert {(c["warps"], c["D_HEAD"]) for c in scans} == {("4", "64"), ("8", "128")}
     parts = {(c["D_HEAD"], c["PART"]) for name, c in launches
              if name == "_dkv_bwd" and c["DT"] == "bf16"}
     assert parts == {("64", "3"), ("128", "1"), ("128", "2")}
