@@ -142,6 +142,8 @@ def profile(T):
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
+            for t in (q, k, v, lg):   # as do_bench does: no accumulation into .grad to time
+                t.grad = None
             run()
         torch.cuda.synchronize()
     print(f"-- profile T={T}, 3 x fwd+bwd")
@@ -211,11 +213,11 @@ def tune():
     every = lambda dkv: {d: dkv for d in (16, 32, 64, 128)}
     variants = [("default", {}),
                 ("scan one dot per row (no pairs)", dict(SCAN_PAIR=False)),
-                ("scan 4 rows per program",
-                 dict(_row_group=lambda d, reverse=False, paired=True: 4)),
+                ("scan 2 rows per program",
+                 dict(_row_group=lambda d, reverse=False, paired=True, trans=True: 2)),
                 ("reverse scan 2 rows per program",
-                 dict(_row_group=lambda d, reverse=False, paired=True:
-                      4 if d >= 128 and not reverse else 2)),
+                 dict(_row_group=lambda d, reverse=False, paired=True, trans=True:
+                      4 if d >= 64 and not reverse else 2)),
                 ("intra-chunk rank-one gate", dict(CHUNK_RANK1=True)),
                 ("scan 64-token steps", dict(_scan_step=step64(2))),
                 ("dk and dv in two launches (races at d=64)", dict(DKV_LAUNCH=every("split"))),

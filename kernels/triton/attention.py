@@ -95,10 +95,11 @@ def _attn_fwd(Q, K, V, Bg, EK, Y, DEN, scale, T, H, Hq, Tp,
 def _attn_dq(Q, K, V, Bg, EK, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
              D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
-    """dq of BM queries. Off the diagonal the gate splits at the key block's last position R,
-    as in _attn_dkv: e^{b_i - b_R} / den_i per query (two exponentials per thread and block
-    pair) times EK_j = e^{b_R - b_j} per key, read from memory (ops._key_decay). An
-    exponential per key column and thread had cost 74 of 423 instructions per 64 x 64 pair."""
+    """dq of BM queries. Off the diagonal the gate splits three ways: e^{b_i - b_m0} / den_i per
+    query (m0 the block's first row: it leaves the loop, applied to the sum), one exponential
+    e^{b_m0 - b_R} per key block (R its last position) and EK_j = e^{b_R - b_j} per key, read
+    from memory (ops._key_decay); every factor <= 1. An exponential per key column and thread
+    had cost 74 of 423 instructions per 64 x 64 pair, a query factor per pair 2 more per row."""
     pbh, m0, rows, rm, qoff, kvoff, goff = _query_rows(T, H, Hq, Tp, D_HEAD, BM)
     gbase = Bg + goff
     ekbase = EK + goff
@@ -111,15 +112,17 @@ def _attn_dq(Q, K, V, Bg, EK, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
     rden = tl.load(RDEN + pbh.to(tl.int64) * Tp + rows)
     delta = tl.load(DELTA + pbh.to(tl.int64) * Tp + rows)
     bq = tl.load(gbase + rows)
+    bref = tl.load(gbase + m0)
     dq = tl.zeros([BM, D_HEAD], dtype=tl.float32)
     for kb in tl.range(0, m0, BN):
         kr = kb + tl.arange(0, BN)
         kT, vT, kn = _key_tiles(K, V, kvoff, kr, kr, cols, krs, TRANS, False)
         s = tl.dot(q, kT.to(DT), input_precision=PREC)
         p = tl.dot(dy, vT.to(DT), input_precision=PREC)
-        cq = tl.exp(bq - tl.load(gbase + kb + BN - 1)) * rden
-        u = s * tl.load(ekbase + kr)[None, :] * cq[:, None]
-        dq += tl.dot(((p - delta[:, None]) * u).to(DT), kn.to(DT), input_precision=PREC)
+        ck = tl.load(ekbase + kr) * tl.exp(bref - tl.load(gbase + kb + BN - 1))
+        dq += tl.dot(((p - delta[:, None]) * (s * ck[None, :])).to(DT), kn.to(DT),
+                     input_precision=PREC)
+    dq = dq * (tl.exp(bq - bref) * rden)[:, None]
     for kb in tl.range(0, BM, BN, num_stages=1):
         kr = m0 + kb + tl.arange(0, BN)
         km = kr < T
@@ -157,9 +160,10 @@ def _key_tiles(K, V, kvoff, kr, km, cols, krs, TRANS: tl.constexpr, MASKED: tl.c
 @triton.jit
 def _query_tiles(Q, DY, RDEN, DELTA, qoff, rowbase, qr, cols, qrs, T, TRANS: tl.constexpr):
     """A query block as the key-side program reads it: q and dy both ways round (TRANS as in
-    _key_tiles), rden and delta. No masks (a compare and a select per element and pipeline
-    stage): rows past T read row T-1's q and dy, and their zero rden (rowwise._row_delta
-    pads it to the gates' length) zeroes every term they enter."""
+    _key_tiles), its row factor (1/den, or ops._query_decay's) and delta. No masks (a compare
+    and a select per element and pipeline stage): rows past T read row T-1's q and dy, and
+    their zero row factor (rowwise._row_delta pads rden to the gates' length) zeroes every
+    term they enter."""
     qc = tl.minimum(qr, T - 1)
     pN = qoff + qc[:, None] * qrs + cols[None, :]
     qn = tl.load(Q + pN)
@@ -195,12 +199,15 @@ def _dkv_pair(k, v, qT, qn, dyT, dyn, ck, cq, delta, dk, dv, DT: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
-def _attn_dkv(Q, K, V, Bg, DY, RDEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
+def _attn_dkv(Q, K, V, Bg, DY, RDEN, CQ, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
               D_HEAD: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr):
     """dk and dv of BN keys: the group's queries in BM-row blocks, the diagonal ones masked.
-    PART 0 computes both; 1 only dv and 2 only dk (two launches, fewer live registers each,
-    the scores computed twice)."""
+    Off the diagonal the gate is e^{b_R - b_j} per key (R the block's last key), one
+    exponential e^{b_Q - b_R} per query block (Q its first row) and CQ_i = e^{b_i - b_Q}/den_i
+    per query, read from memory (ops._query_decay): no exponential per query column and
+    thread. PART 0 computes both; 1 only dv and 2 only dk (two launches, fewer live registers
+    each, the scores computed twice)."""
     pn = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -228,10 +235,11 @@ def _attn_dkv(Q, K, V, Bg, DY, RDEN, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
         rowbase = (b * Hq + hq).to(tl.int64) * Tp
         for qb in tl.range(n0 + BN, T, BM):
             qr = qb + tl.arange(0, BM)
-            qT, qn, dyT, dyn, rden, delta = _query_tiles(Q, DY, RDEN, DELTA, qoff, rowbase, qr,
-                                                         cols, qrs, T, TRANS)
-            cq = (tl.exp(tl.load(gbase + qr) - bref) * rden)[None, :]
-            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, ek, cq, delta, dk, dv, DT, PREC, PART)
+            qT, qn, dyT, dyn, cq, delta = _query_tiles(Q, DY, CQ, DELTA, qoff, rowbase, qr,
+                                                       cols, qrs, T, TRANS)
+            ck = ek * tl.exp(tl.load(gbase + qb) - bref)
+            dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, ck, cq[None, :], delta, dk, dv, DT, PREC,
+                               PART)
     # Queries in the block's own rows: masked, one exponential per pair.
     for r in range(RG):
         hq = h * RG + r

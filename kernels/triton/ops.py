@@ -214,15 +214,16 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[index]
 
 
-def _row_group(d, reverse=False, paired=True):
+def _row_group(d, reverse=False, paired=True, trans=True):
     """Rows a per state-scan program (accumulators of [d, 64]): 2, except 4 at d=128 in the
     forward scan (16% faster forward) and, with rows in pairs, in the reverse scan too (6%
-    faster fwd+bwd, 141.5 against 150.2 ms; at d=64 4 rows were neutral to 2% slower; H200,
-    2026-11-30). With the transposed scan at 4 warps, 4 rows at d=64 timed faster once (13.60
-    / 13.87 against 14.32-14.41 / 14.14 ms at 16k / 64k) but have not passed the GPU grid yet,
-    so 2 stays. RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4."""
+    faster fwd+bwd, 141.5 against 150.2 ms), and 4 at d=64 with the transposed scan and rows
+    in pairs (fwd+bwd 13.76-13.78 / 14.06-14.08 against 14.48-14.49 / 14.29-14.37 ms at 16k /
+    64k; the untransposed scan was neutral to 2% slower with 4; H200, 2026-11-30).
+    RETENTION_TRITON_SCAN_ROWS overrides: 1, 2 or 4."""
     rows = _env_choice("RETENTION_TRITON_SCAN_ROWS", (1, 2, 4))
-    return rows or (4 if d >= 128 and (paired or not reverse) else 2)
+    wide = (d >= 128 and (paired or not reverse)) or (d == 64 and trans and paired)
+    return rows or (4 if wide else 2)
 
 
 def _scan_values(d):
@@ -271,11 +272,11 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
     else:   # unused pointers
         SF, ZF = Zst, Zst
     pair = SCAN_PAIR and SCAN_BSIDE and not (dt_tl == tl.float32 and prec == "tf32")
-    ag = _row_group(d, reverse, pair)
+    trans = SCAN_TRANS and prec != "ieee"
+    ag = _row_group(d, reverse, pair, trans)
     bv = _scan_values(d)
     has_init = init_S is not None
     bk, stages = _scan_step(chunk, d)
-    trans = SCAN_TRANS and prec != "ieee"
     launch.fitted(chunked._state_scan, (B * H * (d // bv), d // ag + 1),
         X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
         init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,
@@ -370,7 +371,8 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
         bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
         launch.fitted(attention._attn_dkv, (triton.cdiv(T, bn), B * H),
-            q, k, v, bg, dy, rden, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
+            q, k, v, bg, dy, rden, _query_decay(bg, rden, bm), delta, dk, dv, kdk, scale, T, H,
+            Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
             num_warps=warps, num_stages=stages)
 
@@ -381,6 +383,16 @@ def _key_decay(bg: torch.Tensor, block: int) -> torch.Tensor:
     forward's and dq kernel's gate off the diagonal."""
     by_block = bg.view(bg.shape[0], -1, block)
     return torch.exp(by_block[..., -1:] - by_block).view(bg.shape)
+
+
+def _query_decay(bg: torch.Tensor, rden: torch.Tensor, block: int) -> torch.Tensor:
+    """e^{b_i - b_Q} / den_i for every query i, Q the first position of i's block of `block`
+    queries (<= 1 times 1/den), [B*Hq, Tp] like rden (b from the KV head's gates bg [B*H, Tp]):
+    the query side of the one-chunk dk/dv kernel's gate off the diagonal."""
+    bh, tp = bg.shape
+    by_block = bg.view(bh, 1, tp // block, block)
+    decay = torch.exp(by_block - by_block[..., :1])
+    return (rden.view(bh, -1, tp // block, block) * decay).view(rden.shape)
 
 
 def _log_gate_grad(dG_BHT: torch.Tensor) -> torch.Tensor:

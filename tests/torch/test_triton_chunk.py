@@ -69,9 +69,11 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
     if "RETENTION_TRITON_SCAN_TRANS" not in os.environ:
         assert ops.SCAN_TRANS
     monkeypatch.delenv("RETENTION_TRITON_SCAN_ROWS", raising=False)
-    # 4 rows per scan program at d=128, in the reverse scan only with rows in pairs
+    # 4 rows per scan program at d=128 (in the reverse scan only with rows in pairs) and at
+    # d=64 with the transposed scan and rows in pairs
     assert [ops._row_group(128), ops._row_group(128, True), ops._row_group(128, True, False),
-            ops._row_group(64), ops._row_group(64, True)] == [4, 4, 2, 2, 2]
+            ops._row_group(64), ops._row_group(64, True), ops._row_group(64, True, False),
+            ops._row_group(64, trans=False), ops._row_group(32)] == [4, 4, 2, 4, 4, 2, 2, 2]
     # dq's side stream: on by default, never off CUDA (no stream on a CPU tensor's device)
     if "RETENTION_TRITON_OVERLAP_DQ" not in os.environ:
         assert ops.OVERLAP_DQ
