@@ -160,8 +160,8 @@ def _root_cause(e):
 def _describe(bound):
     import triton.language as tl
 
-    keep = ("D_HEAD", "DT", "PREC", "PART", "REVERSE", "HAS_INIT", "PAIR", "TRANS", "AG", "BM",
-            "BN", "BK", "C")
+    keep = ("D_HEAD", "DT", "PREC", "PART", "REVERSE", "HAS_INIT", "PAIR", "TRANS", "AG",
+            "READ_PAIR", "BM", "BN", "BK", "C")
     parts = []
     for k in keep:
         if k in bound:

@@ -356,10 +356,11 @@ def _block_cols(xrow, rm, c):
 
 @triton.jit
 def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr):
+                DT: tl.constexpr, PREC: tl.constexpr, PAIR: tl.constexpr = False):
     """acc += phi(x)[:, block I's features] @ S rows, as sum_a dot(fac x_a * w x_J, S_a).
     Row a holds W = d - 16 I features from OFF (layout.row_offsets); W is cut into up to
-    three power-of-two column parts (dot shapes)."""
+    three power-of-two column parts (dot shapes). PAIR, when W is a power of two: rows a and
+    a+1 in one dot of depth 2W (their S rows are adjacent in memory), half the dots."""
     W: tl.constexpr = D_HEAD - 16 * I
     OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
     P1: tl.constexpr = W & (0 - W)
@@ -367,6 +368,8 @@ def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.conste
     P2: tl.constexpr = R1 & (0 - R1)
     R2: tl.constexpr = R1 - P2
     P3: tl.constexpr = R2 & (0 - R2)
+    if PAIR and R1 == 0:
+        return _read_block_paired(acc, xrow, rm, fac, Sb, cols, I, D_HEAD, DT, PREC)
     c1 = 16 * I + tl.arange(0, P1)
     x1 = _block_cols(xrow, rm, c1) * tl.where(c1 < 16 * I + 16, 1.0, SQRT2)[None, :]
     x2 = x1
@@ -388,6 +391,29 @@ def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.conste
         if R2 > 0:
             s3 = tl.load(so + (P1 + P2 + tl.arange(0, P3))[:, None] * D_HEAD + cols[None, :])
             acc = tl.dot((x3 * xa[:, None]).to(DT), s3.to(DT), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _read_block_paired(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
+                       DT: tl.constexpr, PREC: tl.constexpr):
+    """_read_block for a power-of-two W, two rows a per dot: [x_a w x_J | x_a+1 w x_J] (one
+    [BM, 2W] tile of x's block columns twice, each half scaled by its row's x_a) times the
+    [2W, values] S rows of a and a+1, adjacent in memory."""
+    W: tl.constexpr = D_HEAD - 16 * I
+    OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
+    j2 = tl.arange(0, 2 * W)
+    c2 = 16 * I + j2 % W
+    x2 = _block_cols(xrow, rm, c2) * tl.where(c2 < 16 * I + 16, 1.0, SQRT2)[None, :]
+    first = (j2 < W)[None, :]
+    for ap in range(8):
+        al = 2 * ap
+        xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
+        xb = tl.load(xrow + 16 * I + al + 1, mask=rm, other=0.0).to(tl.float32) * fac
+        so = Sb + (OFF + al * W) * D_HEAD
+        s2 = tl.load(so + j2[:, None] * D_HEAD + cols[None, :])
+        scaled = x2 * tl.where(first, xa[:, None], xb[:, None])
+        acc = tl.dot(scaled.to(DT), s2.to(DT), acc, input_precision=PREC)
     return acc
 
 
@@ -530,7 +556,8 @@ def _query_block(Q, K, V, T, H, Hq, D_HEAD: tl.constexpr, C: tl.constexpr, BM: t
 def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr):
+             DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr,
+             READ_PAIR: tl.constexpr = False):
     NB: tl.constexpr = D_HEAD // 16
     pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
         _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
@@ -544,7 +571,7 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
     acc = tl.zeros([BM, D_HEAD], dtype=tl.float32)
     Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
     for I in tl.static_range(NB):
-        acc = _read_block(acc, qrow, rm, fq, Sb, cols, I, D_HEAD, DT, PREC)
+        acc = _read_block(acc, qrow, rm, fq, Sb, cols, I, D_HEAD, DT, PREC, READ_PAIR)
     # Masked attention over this chunk's keys up to the diagonal.
     qd = q.to(DT)
     for kb in range(n * C, pm * BM + BM, BM):
@@ -619,7 +646,8 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, DQO, QDQ, scale,
 def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, RANK1: tl.constexpr):
+             DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, RANK1: tl.constexpr,
+             READ_PAIR: tl.constexpr = False):
     """dk and dv of one row block of keys. PART 0 computes both in one pass; 1 only dv and 2
     only dk (two launches with fewer live registers each; the intra-chunk scores are computed
     twice); 3 the dv pass and then the dk pass in one program (one launch, one accumulator
@@ -628,12 +656,13 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale,
     with its row sums k.dk in KDK [B*H, T]."""
     if PART == 3:
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
-                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, True, False)
+                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, True, False, READ_PAIR)
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
                   Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True)
     else:
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
-                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, PART != 2, PART != 1)
+                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, PART != 2, PART != 1,
+                  READ_PAIR)
 
 
 @triton.jit
@@ -641,7 +670,7 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, 
               Tp, N,
               D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr, DO_V: tl.constexpr,
-              DO_K: tl.constexpr):
+              DO_K: tl.constexpr, READ_PAIR: tl.constexpr = False):
     """The body of _dkv_bwd: dv when DO_V, dk when DO_K, over the same key rows."""
     NB: tl.constexpr = D_HEAD // 16
     pm = tl.program_id(0)
@@ -673,7 +702,7 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, 
     Sb = dSst + (bh64 * N + n) * DINT * D_HEAD
     if DO_V:
         for I in tl.static_range(NB):
-            dv = _read_block(dv, krow, rm, gk, Sb, cols, I, D_HEAD, DT, PREC)
+            dv = _read_block(dv, krow, rm, gk, Sb, cols, I, D_HEAD, DT, PREC, READ_PAIR)
     # Later queries of the same chunk attended to these keys.
     cend = tl.minimum(n * C + C, T)
     for r in range(RG):

@@ -193,6 +193,10 @@ SCAN_PAIR = _env_flag("RETENTION_TRITON_SCAN_PAIR", True)
 # columns, not d. Exact float32 dots (PREC "ieee") stay untransposed: they spill more so.
 SCAN_TRANS = _env_flag("RETENTION_TRITON_SCAN_TRANS", True)
 
+# RETENTION_TRITON_READ_PAIR=0|1 forces the state reads' row pairs off or on (_read_pair).
+READ_PAIR = (_env_flag("RETENTION_TRITON_READ_PAIR", False)
+             if "RETENTION_TRITON_READ_PAIR" in os.environ else None)
+
 
 # dq of the chunked backward on a side stream, beside the reverse state scan and dk/dv (CUDA
 # only): dq reads the forward's states, not the state gradients, and with few programs per
@@ -224,6 +228,18 @@ def _row_group(d, reverse=False, paired=True, trans=True):
     rows = _env_choice("RETENTION_TRITON_SCAN_ROWS", (1, 2, 4))
     wide = (d >= 128 and (paired or not reverse)) or (d == 64 and trans and paired)
     return rows or (4 if wide else 2)
+
+
+def _read_pair(d, dt_tl):
+    """The state read of the forward (_out_fwd) and of dv (_dkv_bwd) with rows a in pairs
+    where a block's W is a power of two (chunked._read_block_paired: one dot of depth 2W per
+    pair, half the dots). On at d=64 with bf16 operands, as timed: _out_fwd 2.05 -> 1.85 ms,
+    _dkv_bwd 5.06 -> 4.78, fwd+bwd 13.6 / 13.9 -> 13.2 / 13.4 ms at 16k / 64k (H200,
+    2026-11-30); untimed elsewhere (at d=128, and float32 operands, where it spills more
+    offline). RETENTION_TRITON_READ_PAIR=0|1 (ops.READ_PAIR) overrides."""
+    if READ_PAIR is not None:
+        return READ_PAIR
+    return d == 64 and dt_tl == tl.bfloat16
 
 
 def _scan_values(d):
@@ -332,7 +348,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
         launch.fitted(chunked._out_fwd, (Tp // bm, B * Hq),
             q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n, D_HEAD=d,
             DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
-            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            READ_PAIR=_read_pair(d, dt_tl), num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     else:
         _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec)
     if want_state:
@@ -430,7 +446,8 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
         launch.fitted(chunked._dkv_bwd, (Tp // bm, B * H),
             q, k, v, bg, dSst, dZst, dy, den, delta, dk32, dk, dv, kdk, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
-            RANK1=CHUNK_RANK1, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl), num_warps=_warps(d),
+            num_stages=_stages(d, dt_tl))
     if side is not None:   # dq's outputs, and every buffer it reads, then belong to the caller
         torch.cuda.current_stream(q.device).wait_stream(side)
     return dS0i, dZ0i

@@ -74,6 +74,16 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
     assert [ops._row_group(128), ops._row_group(128, True), ops._row_group(128, True, False),
             ops._row_group(64), ops._row_group(64, True), ops._row_group(64, True, False),
             ops._row_group(64, trans=False), ops._row_group(32)] == [4, 4, 2, 4, 4, 2, 2, 2]
+    # the state reads' rows a in pairs: at d=64 with bf16 operands (as timed), or as forced
+    import triton.language as tl
+    monkeypatch.setattr(ops, "READ_PAIR", None)
+    assert [ops._read_pair(64, tl.bfloat16), ops._read_pair(128, tl.bfloat16),
+            ops._read_pair(64, tl.float32), ops._read_pair(32, tl.bfloat16)] == \
+        [True, False, False, False]
+    monkeypatch.setattr(ops, "READ_PAIR", True)
+    assert ops._read_pair(128, tl.float32)
+    monkeypatch.setattr(ops, "READ_PAIR", False)
+    assert not ops._read_pair(64, tl.bfloat16)
     # dq's side stream: on by default, never off CUDA (no stream on a CPU tensor's device)
     if "RETENTION_TRITON_OVERLAP_DQ" not in os.environ:
         assert ops.OVERLAP_DQ
@@ -82,6 +92,7 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
     for name, bad, says in (("RETENTION_TRITON_DKV", "both", "must be one of"),
                             ("RETENTION_TRITON_SCAN_PAIR", "yes", "must be 0 or 1"),
                             ("RETENTION_TRITON_SCAN_TRANS", "yes", "must be 0 or 1"),
+                            ("RETENTION_TRITON_READ_PAIR", "2", "must be 0 or 1"),
                             ("RETENTION_TRITON_OVERLAP_DQ", "on", "must be 0 or 1")):
         proc = subprocess.run([sys.executable, "-c", "import retention.kernels.triton.ops"],
                               env=dict(os.environ, **{name: bad}),

@@ -60,6 +60,11 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     parts = {(c["D_HEAD"], c["PART"]) for name, c in launches
              if name == "_dkv_bwd" and c["DT"] == "bf16"}
     assert parts == {("64", "3"), ("128", "1"), ("128", "2")}
+    # The state reads' rows a in pairs at d=64 with bf16 operands only (ops._read_pair).
+    reads = {(name, c["D_HEAD"], c["DT"], c["READ_PAIR"]) for name, c in launches
+             if name in ("_out_fwd", "_dkv_bwd") and c["PREC"] != "ieee"}
+    assert {r for r in reads if r[3] == "True"} == {("_out_fwd", "64", "bf16", "True"),
+                                                     ("_dkv_bwd", "64", "bf16", "True")}
     assert {"_state_scan", "_out_fwd", "_dq_bwd", "_dkv_bwd", "_attn_fwd", "_attn_dq",
             "_attn_dkv", "_row_delta", "_step", "_ce_fwd", "_ce_bwd"} <= {n for n, _ in launches}
 
