@@ -161,7 +161,7 @@ def _describe(bound):
     import triton.language as tl
 
     keep = ("D_HEAD", "DT", "PREC", "PART", "REVERSE", "HAS_INIT", "PAIR", "TRANS", "AG",
-            "READ_PAIR", "BM", "BN", "BK", "C")
+            "READ_PAIR", "GRAD_PAIR", "BM", "BN", "BK", "C")
     parts = []
     for k in keep:
         if k in bound:

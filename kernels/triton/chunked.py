@@ -427,9 +427,11 @@ def _rmw(ptr, rm, c, add):
 
 @triton.jit
 def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
-                BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                PAIR: tl.constexpr = False):
     """grad[rows] += d/dx of sum_{a in block I, b} fac w_ab x_a x_b U[a,b], U_a = A @ S_a^T.
-    x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile."""
+    x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile. PAIR,
+    when W is a power of two: U of rows a and a+1 in one dot (_grad_block_paired)."""
     W: tl.constexpr = D_HEAD - 16 * I
     OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
     P1: tl.constexpr = W & (0 - W)
@@ -437,6 +439,9 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
     P2: tl.constexpr = R1 & (0 - R1)
     R2: tl.constexpr = R1 - P2
     P3: tl.constexpr = R2 & (0 - R2)
+    if PAIR and R1 == 0:
+        _grad_block_paired(grow, rm, A, xrow, fac, Sb, cols, I, D_HEAD, BM, DT, PREC)
+        return
     c1 = 16 * I + tl.arange(0, P1)
     w1 = tl.where(c1 < 16 * I + 16, 1.0, SQRT2)
     x1 = _block_cols(xrow, rm, c1) * w1[None, :]
@@ -479,6 +484,41 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
         _rmw(grow, rm, c2, g2 * SQRT2)
     if R2 > 0:
         _rmw(grow, rm, c3, g3 * SQRT2)
+    tl.debug_barrier()
+    _rmw(grow, rm, 16 * I + k16, colI * fac[:, None])
+    tl.debug_barrier()
+
+
+@triton.jit
+def _grad_block_paired(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr,
+                       D_HEAD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
+                       PREC: tl.constexpr):
+    """_grad_block for a power-of-two W, two rows a per dot: A @ [S_a; S_a+1]^T as one
+    [BM, 2W] dot with interleaved columns (column 2c + j is row a+j's feature c), split back
+    into the two rows' U in registers (a wgmma thread holds adjacent column pairs)."""
+    W: tl.constexpr = D_HEAD - 16 * I
+    OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
+    c1 = 16 * I + tl.arange(0, W)
+    w1 = tl.where(c1 < 16 * I + 16, 1.0, SQRT2)
+    x1 = _block_cols(xrow, rm, c1) * w1[None, :]
+    g1 = tl.zeros([BM, W], dtype=tl.float32)
+    colI = tl.zeros([BM, 16], dtype=tl.float32)
+    k16 = tl.arange(0, 16)
+    j2 = tl.arange(0, 2 * W)
+    srow = (j2 % 2) * W + j2 // 2       # the S row (of the pair's 2W) behind each column
+    for ap in range(8):
+        al = 2 * ap
+        xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
+        xb = tl.load(xrow + 16 * I + al + 1, mask=rm, other=0.0).to(tl.float32) * fac
+        so = Sb + (OFF + al * W) * D_HEAD
+        sT2 = tl.load(so + srow[None, :] * D_HEAD + cols[:, None])
+        ua, ub = tl.split(tl.reshape(tl.dot(A, sT2.to(DT), input_precision=PREC), [BM, W, 2]))
+        g1 += ua * xa[:, None] + ub * xb[:, None]
+        colI += tl.where((k16 == al)[None, :], tl.sum(ua * x1, axis=1)[:, None],
+                         tl.where((k16 == al + 1)[None, :], tl.sum(ub * x1, axis=1)[:, None],
+                                  0.0))
+    tl.debug_barrier()
+    _rmw(grow, rm, c1, g1 * w1[None, :])
     tl.debug_barrier()
     _rmw(grow, rm, 16 * I + k16, colI * fac[:, None])
     tl.debug_barrier()
@@ -598,7 +638,8 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
 def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, DQO, QDQ, scale,
             T, H, Hq, Tp, N,
             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-            DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr):
+            DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr,
+            GRAD_PAIR: tl.constexpr = False):
     """dq of one row block of queries, summed in the float32 DQ (the state read adds into it
     block by block), then written to DQO in the input dtype with its row sums q.dq in QDQ
     [B*Hq, T] (the gate gradient's summand)."""
@@ -637,7 +678,7 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, DQO, QDQ, scale,
     # The state read: u_a = dnum @ S_a^T; added into DQ block by block.
     Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
     for I in tl.static_range(NB):
-        _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD, BM, DT, PREC)
+        _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD, BM, DT, PREC, GRAD_PAIR)
     obase = DQO + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
     _finish_rows(grow, obase, qrow, QDQ + pbh.to(tl.int64) * T + rows, rm, cols)
 
@@ -647,7 +688,7 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, RANK1: tl.constexpr,
-             READ_PAIR: tl.constexpr = False):
+             READ_PAIR: tl.constexpr = False, GRAD_PAIR: tl.constexpr = False):
     """dk and dv of one row block of keys. PART 0 computes both in one pass; 1 only dv and 2
     only dk (two launches with fewer live registers each; the intra-chunk scores are computed
     twice); 3 the dv pass and then the dk pass in one program (one launch, one accumulator
@@ -658,11 +699,11 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale,
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
                   Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, True, False, READ_PAIR)
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
-                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True)
+                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True, False, GRAD_PAIR)
     else:
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
                   Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, PART != 2, PART != 1,
-                  READ_PAIR)
+                  READ_PAIR, GRAD_PAIR)
 
 
 @triton.jit
@@ -670,7 +711,8 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, 
               Tp, N,
               D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr, DO_V: tl.constexpr,
-              DO_K: tl.constexpr, READ_PAIR: tl.constexpr = False):
+              DO_K: tl.constexpr, READ_PAIR: tl.constexpr = False,
+              GRAD_PAIR: tl.constexpr = False):
     """The body of _dkv_bwd: dv when DO_V, dk when DO_K, over the same key rows."""
     NB: tl.constexpr = D_HEAD // 16
     pm = tl.program_id(0)
@@ -746,6 +788,6 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, 
         tl.store(grow[:, None] + cols[None, :], dk, mask=rm[:, None])
         # The state write: u_a = v @ dS_a^T; added into DK block by block.
         for I in tl.static_range(NB):
-            _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD, BM, DT, PREC)
+            _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD, BM, DT, PREC, GRAD_PAIR)
         orow = DKO + (b.to(tl.int64) * T * H + h) * D_HEAD + rows.to(tl.int64) * krs
         _finish_rows(grow, orow, krow, KDK + bh64 * T + rows, rm, cols)

@@ -197,6 +197,11 @@ SCAN_TRANS = _env_flag("RETENTION_TRITON_SCAN_TRANS", True)
 READ_PAIR = (_env_flag("RETENTION_TRITON_READ_PAIR", False)
              if "RETENTION_TRITON_READ_PAIR" in os.environ else None)
 
+# The gradients through the features (dq in _dq_bwd, dk in _dkv_bwd) with rows a in pairs
+# where a block's W is a power of two (chunked._grad_block_paired: U of rows a and a+1 in one
+# [BM, 2W] dot). Untimed, off: RETENTION_TRITON_GRAD_PAIR=1.
+GRAD_PAIR = _env_flag("RETENTION_TRITON_GRAD_PAIR", False)
+
 
 # dq of the chunked backward on a side stream, beside the reverse state scan and dk/dv (CUDA
 # only): dq reads the forward's states, not the state gradients, and with few programs per
@@ -441,12 +446,13 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
         launch.fitted(chunked._dq_bwd, (Tp // bm, B * Hq),
             q, k, v, bg, Sst, Zst, dy, den, delta, dq32, dq, qdq, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
-            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            GRAD_PAIR=GRAD_PAIR, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     for part in DKV_PARTS[DKV_LAUNCH[d]]:
         launch.fitted(chunked._dkv_bwd, (Tp // bm, B * H),
             q, k, v, bg, dSst, dZst, dy, den, delta, dk32, dk, dv, kdk, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
-            RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl), num_warps=_warps(d),
+            RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl), GRAD_PAIR=GRAD_PAIR,
+            num_warps=_warps(d),
             num_stages=_stages(d, dt_tl))
     if side is not None:   # dq's outputs, and every buffer it reads, then belong to the caller
         torch.cuda.current_stream(q.device).wait_stream(side)

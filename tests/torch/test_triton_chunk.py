@@ -84,6 +84,8 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
     assert ops._read_pair(128, tl.float32)
     monkeypatch.setattr(ops, "READ_PAIR", False)
     assert not ops._read_pair(64, tl.bfloat16)
+    if "RETENTION_TRITON_GRAD_PAIR" not in os.environ:
+        assert not ops.GRAD_PAIR                      # untimed: off
     # dq's side stream: on by default, never off CUDA (no stream on a CPU tensor's device)
     if "RETENTION_TRITON_OVERLAP_DQ" not in os.environ:
         assert ops.OVERLAP_DQ
@@ -93,6 +95,7 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
                             ("RETENTION_TRITON_SCAN_PAIR", "yes", "must be 0 or 1"),
                             ("RETENTION_TRITON_SCAN_TRANS", "yes", "must be 0 or 1"),
                             ("RETENTION_TRITON_READ_PAIR", "2", "must be 0 or 1"),
+                            ("RETENTION_TRITON_GRAD_PAIR", "2", "must be 0 or 1"),
                             ("RETENTION_TRITON_OVERLAP_DQ", "on", "must be 0 or 1")):
         proc = subprocess.run([sys.executable, "-c", "import retention.kernels.triton.ops"],
                               env=dict(os.environ, **{name: bad}),
