@@ -391,9 +391,9 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
         num_warps=warps, num_stages=stages)
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
         bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
+        cq = _query_decay(bg, rden, bm)   # per query block of this launch's bm rows
         launch.fitted(attention._attn_dkv, (triton.cdiv(T, bn), B * H),
-            q, k, v, bg, dy, rden, _query_decay(bg, rden, bm), delta, dk, dv, kdk, scale, T, H,
-            Hq, Tp,
+            q, k, v, bg, dy, rden, cq, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
             num_warps=warps, num_stages=stages)
 
@@ -452,8 +452,7 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
             q, k, v, bg, dSst, dZst, dy, den, delta, dk32, dk, dv, kdk, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
             RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl), GRAD_PAIR=GRAD_PAIR,
-            num_warps=_warps(d),
-            num_stages=_stages(d, dt_tl))
+            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     if side is not None:   # dq's outputs, and every buffer it reads, then belong to the caller
         torch.cuda.current_stream(q.device).wait_stream(side)
     return dS0i, dZ0i

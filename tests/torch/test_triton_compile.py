@@ -48,9 +48,8 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     scans = [c for name, c in launches if name == "_state_scan"]
     # The defaults: the scan's rows in pairs for bf16, never for fp16 (float32 operands at
     # tf32: triton 3.6 fails to compile that dot paired); 4 rows per program when paired (at
-    # d=128 also the unpaired forward);
-    # accumulators transposed for both; dk/dv "sequential" (PART 3) below d=128 and split in
-    # two launches at 128.
+    # d=128 also the unpaired forward); accumulators transposed for both; dk/dv "sequential"
+    # (PART 3) below d=128 and split in two launches at 128.
     assert {(c["D_HEAD"], c["DT"], c["PAIR"], c["AG"], c["TRANS"]) for c in scans} == {
         ("64", "bf16", "True", "4", "True"), ("128", "bf16", "True", "4", "True"),
         ("64", "fp32", "False", "2", "True"), ("128", "fp32", "False", "4", "True"),

@@ -52,10 +52,9 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_READ_PAIR": "1"},                     # state reads, rows a in pairs
     {"RETENTION_TRITON_GRAD_PAIR": "1"},                     # feature gradients, likewise
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
-        "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed", "scan-untransposed-operand-a",
-        "split-dkv", "joint-dkv", "rank-one-gate",
-        "rank-one-gate-split-dkv", "read-paired",
-        "grad-paired"])
+        "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed",
+        "scan-untransposed-operand-a", "split-dkv", "joint-dkv", "rank-one-gate",
+        "rank-one-gate-split-dkv", "read-paired", "grad-paired"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
