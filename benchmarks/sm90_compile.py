@@ -183,6 +183,8 @@ def main(argv=None):
         sys.exit("sm90_compile.py compiles for a GPU: unset TRITON_INTERPRET")
     import triton
 
+    from retention.kernels.triton import ops
+    ops.OFF_CUDA_MAJOR = args.arch // 10   # the CPU tensors' launches get the target's settings
     launches = record_launches(args.dtypes, args.dims)
     if args.only:
         launches = [x for x in launches if args.only in x[0].fn.__name__]

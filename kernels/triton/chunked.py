@@ -356,11 +356,12 @@ def _block_cols(xrow, rm, c):
 
 @triton.jit
 def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr, PAIR: tl.constexpr = False):
+                DT: tl.constexpr, PREC: tl.constexpr, PAIR: tl.constexpr = 0):
     """acc += phi(x)[:, block I's features] @ S rows, as sum_a dot(fac x_a * w x_J, S_a).
     Row a holds W = d - 16 I features from OFF (layout.row_offsets); W is cut into up to
-    three power-of-two column parts (dot shapes). PAIR, when W is a power of two: rows a and
-    a+1 in one dot of depth 2W (their S rows are adjacent in memory), half the dots."""
+    three power-of-two column parts (dot shapes). PAIR 1, when W is a power of two, or 2, for
+    every W: rows a and a+1 in dots of depth 2W (their S rows are adjacent in memory; 2W cut
+    into power-of-two parts), half the dots or fewer."""
     W: tl.constexpr = D_HEAD - 16 * I
     OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
     P1: tl.constexpr = W & (0 - W)
@@ -368,7 +369,7 @@ def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.conste
     P2: tl.constexpr = R1 & (0 - R1)
     R2: tl.constexpr = R1 - P2
     P3: tl.constexpr = R2 & (0 - R2)
-    if PAIR and R1 == 0:
+    if PAIR == 2 or (PAIR == 1 and R1 == 0):
         return _read_block_paired(acc, xrow, rm, fac, Sb, cols, I, D_HEAD, DT, PREC)
     c1 = 16 * I + tl.arange(0, P1)
     x1 = _block_cols(xrow, rm, c1) * tl.where(c1 < 16 * I + 16, 1.0, SQRT2)[None, :]
@@ -395,25 +396,59 @@ def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.conste
 
 
 @triton.jit
+def _pair_part(xrow, rm, I: tl.constexpr, W: tl.constexpr, O: tl.constexpr, P: tl.constexpr):
+    """Depths O .. O+P of a row pair's 2W in _read_block_paired: x's block columns behind
+    them (weighted; row a's W features, then row a+1's) and which belong to row a+1."""
+    j = O + tl.arange(0, P)
+    second = j >= W
+    c = 16 * I + tl.where(second, j - W, j)
+    x = _block_cols(xrow, rm, c) * tl.where(c < 16 * I + 16, 1.0, SQRT2)[None, :]
+    return x, second
+
+
+@triton.jit
+def _pair_dot(acc, x, second, xa, xb, so, O: tl.constexpr, P: tl.constexpr, cols,
+              D_HEAD: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """acc += one part of a row pair's read: x's columns scaled by their row's x_a, times the
+    pair's S rows O .. O+P."""
+    s = tl.load(so + (O + tl.arange(0, P))[:, None] * D_HEAD + cols[None, :])
+    scaled = x * tl.where(second[None, :], xb[:, None], xa[:, None])
+    return tl.dot(scaled.to(DT), s.to(DT), acc, input_precision=PREC)
+
+
+@triton.jit
 def _read_block_paired(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
                        DT: tl.constexpr, PREC: tl.constexpr):
-    """_read_block for a power-of-two W, two rows a per dot: [x_a w x_J | x_a+1 w x_J] (one
-    [BM, 2W] tile of x's block columns twice, each half scaled by its row's x_a) times the
-    [2W, values] S rows of a and a+1, adjacent in memory."""
+    """_read_block with two rows a per dot: [x_a w x_J | x_a+1 w x_J] (x's block columns
+    twice, each half scaled by its row's x_a) times the [2W, values] S rows of a and a+1,
+    adjacent in memory; 2W cut into up to three power-of-two parts (one when W is a power of
+    two; W = 48: 32 + 64, two dots per pair instead of four)."""
     W: tl.constexpr = D_HEAD - 16 * I
     OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
-    j2 = tl.arange(0, 2 * W)
-    c2 = 16 * I + j2 % W
-    x2 = _block_cols(xrow, rm, c2) * tl.where(c2 < 16 * I + 16, 1.0, SQRT2)[None, :]
-    first = (j2 < W)[None, :]
+    P1: tl.constexpr = (2 * W) & (0 - 2 * W)
+    R1: tl.constexpr = 2 * W - P1
+    P2: tl.constexpr = R1 & (0 - R1)
+    R2: tl.constexpr = R1 - P2
+    P3: tl.constexpr = R2 & (0 - R2)
+    x1, m1 = _pair_part(xrow, rm, I, W, 0, P1)
+    x2 = x1
+    m2 = m1
+    x3 = x1
+    m3 = m1
+    if R1 > 0:
+        x2, m2 = _pair_part(xrow, rm, I, W, P1, P2)
+    if R2 > 0:
+        x3, m3 = _pair_part(xrow, rm, I, W, P1 + P2, P3)
     for ap in range(8):
         al = 2 * ap
         xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
         xb = tl.load(xrow + 16 * I + al + 1, mask=rm, other=0.0).to(tl.float32) * fac
         so = Sb + (OFF + al * W) * D_HEAD
-        s2 = tl.load(so + j2[:, None] * D_HEAD + cols[None, :])
-        scaled = x2 * tl.where(first, xa[:, None], xb[:, None])
-        acc = tl.dot(scaled.to(DT), s2.to(DT), acc, input_precision=PREC)
+        acc = _pair_dot(acc, x1, m1, xa, xb, so, 0, P1, cols, D_HEAD, DT, PREC)
+        if R1 > 0:
+            acc = _pair_dot(acc, x2, m2, xa, xb, so, P1, P2, cols, D_HEAD, DT, PREC)
+        if R2 > 0:
+            acc = _pair_dot(acc, x3, m3, xa, xb, so, P1 + P2, P3, cols, D_HEAD, DT, PREC)
     return acc
 
 
@@ -428,10 +463,11 @@ def _rmw(ptr, rm, c, add):
 @triton.jit
 def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
                 BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                PAIR: tl.constexpr = False):
+                PAIR: tl.constexpr = 0):
     """grad[rows] += d/dx of sum_{a in block I, b} fac w_ab x_a x_b U[a,b], U_a = A @ S_a^T.
-    x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile. PAIR,
-    when W is a power of two: U of rows a and a+1 in one dot (_grad_block_paired)."""
+    x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile. PAIR 1,
+    when W is a power of two, or 2, for every W: U of rows a and a+1 together
+    (_grad_block_paired)."""
     W: tl.constexpr = D_HEAD - 16 * I
     OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
     P1: tl.constexpr = W & (0 - W)
@@ -439,7 +475,7 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
     P2: tl.constexpr = R1 & (0 - R1)
     R2: tl.constexpr = R1 - P2
     P3: tl.constexpr = R2 & (0 - R2)
-    if PAIR and R1 == 0:
+    if PAIR == 2 or (PAIR == 1 and R1 == 0):
         _grad_block_paired(grow, rm, A, xrow, fac, Sb, cols, I, D_HEAD, BM, DT, PREC)
         return
     c1 = 16 * I + tl.arange(0, P1)
@@ -490,35 +526,80 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
 
 
 @triton.jit
+def _grad_part(A, so, xa, xb, x, g, cola, colb, F: tl.constexpr, P: tl.constexpr,
+               W: tl.constexpr, cols, BM: tl.constexpr, D_HEAD: tl.constexpr, DT: tl.constexpr,
+               PREC: tl.constexpr):
+    """Features F .. F+P/2 of a row pair in _grad_block_paired: U of both rows as one [BM, P]
+    dot with interleaved columns (column 2c + j is row a+j's feature F + c), split back in
+    registers (a wgmma thread holds adjacent column pairs); then their x_b tile sums and x_a
+    columns."""
+    j = tl.arange(0, P)
+    srow = (j % 2) * W + F + j // 2        # the S row (of the pair's 2W) behind each column
+    sT = tl.load(so + srow[None, :] * D_HEAD + cols[:, None])
+    ua, ub = tl.split(tl.reshape(tl.dot(A, sT.to(DT), input_precision=PREC), [BM, P // 2, 2]))
+    g += ua * xa[:, None] + ub * xb[:, None]
+    cola += tl.sum(ua * x, axis=1)
+    colb += tl.sum(ub * x, axis=1)
+    return g, cola, colb
+
+
+@triton.jit
 def _grad_block_paired(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr,
                        D_HEAD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
                        PREC: tl.constexpr):
-    """_grad_block for a power-of-two W, two rows a per dot: A @ [S_a; S_a+1]^T as one
-    [BM, 2W] dot with interleaved columns (column 2c + j is row a+j's feature c), split back
-    into the two rows' U in registers (a wgmma thread holds adjacent column pairs)."""
+    """_grad_block with two rows a per dot: A @ [S_a; S_a+1]^T with interleaved columns, 2W
+    cut into up to three power-of-two parts (one when W is a power of two; W = 48: 32 + 64,
+    features 0-15 and 16-47, two dots per pair instead of four)."""
     W: tl.constexpr = D_HEAD - 16 * I
     OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
-    c1 = 16 * I + tl.arange(0, W)
+    P1: tl.constexpr = (2 * W) & (0 - 2 * W)
+    R1: tl.constexpr = 2 * W - P1
+    P2: tl.constexpr = R1 & (0 - R1)
+    R2: tl.constexpr = R1 - P2
+    P3: tl.constexpr = R2 & (0 - R2)
+    F2: tl.constexpr = P1 // 2
+    F3: tl.constexpr = (P1 + P2) // 2
+    c1 = 16 * I + tl.arange(0, P1 // 2)
     w1 = tl.where(c1 < 16 * I + 16, 1.0, SQRT2)
     x1 = _block_cols(xrow, rm, c1) * w1[None, :]
-    g1 = tl.zeros([BM, W], dtype=tl.float32)
+    g1 = tl.zeros([BM, P1 // 2], dtype=tl.float32)
+    x2 = x1
+    x3 = x1
+    g2 = g1
+    g3 = g1
+    if R1 > 0:   # parts after the first start at feature 16 or later: all weighted sqrt2
+        c2 = 16 * I + F2 + tl.arange(0, P2 // 2)
+        x2 = _block_cols(xrow, rm, c2) * SQRT2
+        g2 = tl.zeros([BM, P2 // 2], dtype=tl.float32)
+    if R2 > 0:
+        c3 = 16 * I + F3 + tl.arange(0, P3 // 2)
+        x3 = _block_cols(xrow, rm, c3) * SQRT2
+        g3 = tl.zeros([BM, P3 // 2], dtype=tl.float32)
     colI = tl.zeros([BM, 16], dtype=tl.float32)
     k16 = tl.arange(0, 16)
-    j2 = tl.arange(0, 2 * W)
-    srow = (j2 % 2) * W + j2 // 2       # the S row (of the pair's 2W) behind each column
     for ap in range(8):
         al = 2 * ap
         xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
         xb = tl.load(xrow + 16 * I + al + 1, mask=rm, other=0.0).to(tl.float32) * fac
         so = Sb + (OFF + al * W) * D_HEAD
-        sT2 = tl.load(so + srow[None, :] * D_HEAD + cols[:, None])
-        ua, ub = tl.split(tl.reshape(tl.dot(A, sT2.to(DT), input_precision=PREC), [BM, W, 2]))
-        g1 += ua * xa[:, None] + ub * xb[:, None]
-        colI += tl.where((k16 == al)[None, :], tl.sum(ua * x1, axis=1)[:, None],
-                         tl.where((k16 == al + 1)[None, :], tl.sum(ub * x1, axis=1)[:, None],
-                                  0.0))
+        cola = tl.zeros([BM], dtype=tl.float32)
+        colb = tl.zeros([BM], dtype=tl.float32)
+        g1, cola, colb = _grad_part(A, so, xa, xb, x1, g1, cola, colb, 0, P1, W, cols, BM,
+                                    D_HEAD, DT, PREC)
+        if R1 > 0:
+            g2, cola, colb = _grad_part(A, so, xa, xb, x2, g2, cola, colb, F2, P2, W, cols,
+                                        BM, D_HEAD, DT, PREC)
+        if R2 > 0:
+            g3, cola, colb = _grad_part(A, so, xa, xb, x3, g3, cola, colb, F3, P3, W, cols,
+                                        BM, D_HEAD, DT, PREC)
+        colI += tl.where((k16 == al)[None, :], cola[:, None],
+                         tl.where((k16 == al + 1)[None, :], colb[:, None], 0.0))
     tl.debug_barrier()
     _rmw(grow, rm, c1, g1 * w1[None, :])
+    if R1 > 0:
+        _rmw(grow, rm, c2, g2 * SQRT2)
+    if R2 > 0:
+        _rmw(grow, rm, c3, g3 * SQRT2)
     tl.debug_barrier()
     _rmw(grow, rm, 16 * I + k16, colI * fac[:, None])
     tl.debug_barrier()
@@ -597,7 +678,7 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr,
-             READ_PAIR: tl.constexpr = False):
+             READ_PAIR: tl.constexpr = 0):
     NB: tl.constexpr = D_HEAD // 16
     pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
         _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
@@ -639,7 +720,7 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, DQO, QDQ, scale,
             T, H, Hq, Tp, N,
             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
             DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr,
-            GRAD_PAIR: tl.constexpr = False):
+            GRAD_PAIR: tl.constexpr = 0):
     """dq of one row block of queries, summed in the float32 DQ (the state read adds into it
     block by block), then written to DQO in the input dtype with its row sums q.dq in QDQ
     [B*Hq, T] (the gate gradient's summand)."""
@@ -688,7 +769,7 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, RANK1: tl.constexpr,
-             READ_PAIR: tl.constexpr = False, GRAD_PAIR: tl.constexpr = False):
+             READ_PAIR: tl.constexpr = 0, GRAD_PAIR: tl.constexpr = 0):
     """dk and dv of one row block of keys. PART 0 computes both in one pass; 1 only dv and 2
     only dk (two launches with fewer live registers each; the intra-chunk scores are computed
     twice); 3 the dv pass and then the dk pass in one program (one launch, one accumulator
@@ -699,7 +780,7 @@ def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale,
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
                   Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, True, False, READ_PAIR)
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
-                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True, False, GRAD_PAIR)
+                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True, 0, GRAD_PAIR)
     else:
         _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
                   Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, PART != 2, PART != 1,
@@ -711,8 +792,8 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, 
               Tp, N,
               D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr, DO_V: tl.constexpr,
-              DO_K: tl.constexpr, READ_PAIR: tl.constexpr = False,
-              GRAD_PAIR: tl.constexpr = False):
+              DO_K: tl.constexpr, READ_PAIR: tl.constexpr = 0,
+              GRAD_PAIR: tl.constexpr = 0):
     """The body of _dkv_bwd: dv when DO_V, dk when DO_K, over the same key rows."""
     NB: tl.constexpr = D_HEAD // 16
     pm = tl.program_id(0)

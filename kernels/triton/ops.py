@@ -193,14 +193,28 @@ SCAN_PAIR = _env_flag("RETENTION_TRITON_SCAN_PAIR", True)
 # columns, not d. Exact float32 dots (PREC "ieee") stay untransposed: they spill more so.
 SCAN_TRANS = _env_flag("RETENTION_TRITON_SCAN_TRANS", True)
 
-# RETENTION_TRITON_READ_PAIR=0|1 forces the state reads' row pairs off or on (_read_pair).
-READ_PAIR = (_env_flag("RETENTION_TRITON_READ_PAIR", False)
-             if "RETENTION_TRITON_READ_PAIR" in os.environ else None)
+# Rows a in pairs in the row-block kernels' feature loops (chunked._read_block_paired,
+# _grad_block_paired), per block of rows: 0 never, 1 where the block's W is a power of two,
+# 2 for every W (2W cut into power-of-two parts: W = 48 as 32 + 64).
+# RETENTION_TRITON_READ_PAIR=0|1|2 forces the state reads' level (_read_pair) and
+# RETENTION_TRITON_GRAD_PAIR=0|1|2 the feature gradients' in both kernels (_grad_pair).
+READ_PAIR = _env_choice("RETENTION_TRITON_READ_PAIR", (0, 1, 2))
+GRAD_PAIR = _env_choice("RETENTION_TRITON_GRAD_PAIR", (0, 1, 2))
 
-# The gradients through the features (dq in _dq_bwd, dk in _dkv_bwd) with rows a in pairs
-# where a block's W is a power of two (chunked._grad_block_paired: U of rows a and a+1 in one
-# [BM, 2W] dot). Untimed, off: RETENTION_TRITON_GRAD_PAIR=1.
-GRAD_PAIR = _env_flag("RETENTION_TRITON_GRAD_PAIR", False)
+# The compute capability (major) a launch's settings are chosen for: the GPU's own on CUDA;
+# off CUDA (the interpreter, benchmarks/sm90_compile.py, which sets it from --arch) this one.
+OFF_CUDA_MAJOR = 9
+
+
+@lru_cache(maxsize=None)
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _major(device: torch.device) -> int:
+    if device.type != "cuda":
+        return OFF_CUDA_MAJOR
+    return _cuda_major(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # dq of the chunked backward on a side stream, beside the reverse state scan and dk/dv (CUDA
@@ -235,16 +249,38 @@ def _row_group(d, reverse=False, paired=True, trans=True):
     return rows or (4 if wide else 2)
 
 
-def _read_pair(d, dt_tl):
-    """The state read of the forward (_out_fwd) and of dv (_dkv_bwd) with rows a in pairs
-    where a block's W is a power of two (chunked._read_block_paired: one dot of depth 2W per
-    pair, half the dots). On at d=64 with bf16 operands, as timed: _out_fwd 2.05 -> 1.85 ms,
-    _dkv_bwd 5.06 -> 4.78, fwd+bwd 13.6 / 13.9 -> 13.2 / 13.4 ms at 16k / 64k (H200,
-    2026-11-30); untimed elsewhere (at d=128, and float32 operands, where it spills more
-    offline). RETENTION_TRITON_READ_PAIR=0|1 (ops.READ_PAIR) overrides."""
+def _read_pair(d, dt_tl, kernel, major=9):
+    """The pair level (above) of the state read of the forward (_out_fwd, "out") and of dv
+    (_dkv_bwd, "dkv"), with bf16 operands, as timed (H200, 2026-11-30, fwd+bwd at d=128 in
+    256-token chunks, T=4096; per-kernel profiler times at d=64, T=65536):
+    - d=64: 2 in _out_fwd (1.86 -> 1.80 ms), 1 in _dkv_bwd (level 2 there: 4.81 -> 5.17);
+      level 1 against none: _out_fwd 2.05 -> 1.85, _dkv_bwd 5.06 -> 4.78;
+    - d=128: 2 in both (fwd 43.2 -> 35.8 ms, fwd+bwd 138.9 -> 124.4; level 1: 134.9).
+    0 where untimed: d=32, float32 operands, and GPUs other than Hopper (major 9; on an
+    A100, sm_80, pairs at d=128 spill ten times more: benchmarks/sm90_compile.py --arch 80).
+    RETENTION_TRITON_READ_PAIR (ops.READ_PAIR) overrides."""
     if READ_PAIR is not None:
         return READ_PAIR
-    return d == 64 and dt_tl == tl.bfloat16
+    if dt_tl != tl.bfloat16 or major != 9:
+        return 0
+    return {64: 2 if kernel == "out" else 1, 128: 2}.get(d, 0)
+
+
+def _grad_pair(d, dt_tl, kernel, major=9):
+    """The pair level (above) of the gradients through the features, dq in _dq_bwd ("dq") and
+    dk in _dkv_bwd ("dkv"): U of rows a and a+1 as one [BM, 2W] dot, split in registers. With
+    bf16 operands, as timed (as _read_pair):
+    - d=64: 1 in _dq_bwd (3.42 -> 3.24 ms; level 2 no better: 3.00-3.16 against 3.09), 0 in
+      _dkv_bwd, where pairs spill more (level 1: 4.81 -> 4.91 ms; level 2: 5.17 -> 6.23);
+    - d=128: 2 in both (fwd+bwd 124.4 -> 115.0 ms with the reads at 2; dq alone 138.9 ->
+      133.1).
+    0 where untimed (as _read_pair). RETENTION_TRITON_GRAD_PAIR (ops.GRAD_PAIR) overrides
+    both."""
+    if GRAD_PAIR is not None:
+        return GRAD_PAIR
+    if dt_tl != tl.bfloat16 or major != 9:
+        return 0
+    return {64: 1 if kernel == "dq" else 0, 128: 2}.get(d, 0)
 
 
 def _scan_values(d):
@@ -353,7 +389,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
         launch.fitted(chunked._out_fwd, (Tp // bm, B * Hq),
             q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n, D_HEAD=d,
             DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
-            READ_PAIR=_read_pair(d, dt_tl), num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            READ_PAIR=_read_pair(d, dt_tl, "out", _major(q.device)), num_warps=_warps(d),
+            num_stages=_stages(d, dt_tl))
     else:
         _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec)
     if want_state:
@@ -446,12 +483,14 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
         launch.fitted(chunked._dq_bwd, (Tp // bm, B * Hq),
             q, k, v, bg, Sst, Zst, dy, den, delta, dq32, dq, qdq, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
-            GRAD_PAIR=GRAD_PAIR, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            GRAD_PAIR=_grad_pair(d, dt_tl, "dq", _major(q.device)), num_warps=_warps(d),
+            num_stages=_stages(d, dt_tl))
     for part in DKV_PARTS[DKV_LAUNCH[d]]:
         launch.fitted(chunked._dkv_bwd, (Tp // bm, B * H),
             q, k, v, bg, dSst, dZst, dy, den, delta, dk32, dk, dv, kdk, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
-            RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl), GRAD_PAIR=GRAD_PAIR,
+            RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl, "dkv", _major(q.device)),
+            GRAD_PAIR=_grad_pair(d, dt_tl, "dkv", _major(q.device)),
             num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     if side is not None:   # dq's outputs, and every buffer it reads, then belong to the caller
         torch.cuda.current_stream(q.device).wait_stream(side)

@@ -27,7 +27,7 @@ def _run_child(check: str, **extra_env) -> None:
 
 
 @pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "no_state_out", "chunk_48",
-                                   "scan_widths",
+                                   "scan_widths", "pair_widths",
                                    "one_chunk", "one_chunk_state_out", "float16", "decode",
                                    "api", "checkpointed_compiled_layers", "batch_slices",
                                    "partial_outputs"])
@@ -51,10 +51,11 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_CHUNK_RANK1": "1", "RETENTION_TRITON_DKV": "split"},
     {"RETENTION_TRITON_READ_PAIR": "1"},                     # state reads, rows a in pairs
     {"RETENTION_TRITON_GRAD_PAIR": "1"},                     # feature gradients, likewise
+    {"RETENTION_TRITON_READ_PAIR": "2", "RETENTION_TRITON_GRAD_PAIR": "2"},
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
         "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed",
         "scan-untransposed-operand-a", "split-dkv", "joint-dkv", "rank-one-gate",
-        "rank-one-gate-split-dkv", "read-paired", "grad-paired"])
+        "rank-one-gate-split-dkv", "read-paired", "grad-paired", "paired-every-width"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
@@ -192,6 +193,32 @@ def check_scan_widths():
             for a, b in zip(*outs):
                 err = ((a - b).norm() / b.norm()).item()
                 assert err < 1e-6, (d, reverse, bside, err)
+
+
+def check_pair_widths():
+    """The row-block kernels' rows a in pairs at every block width (pair level 2: d=64's W=48
+    as 32 + 64, d=128's 112, 96 and 80 in two or three parts; fwd_bwd's d=32 has only powers
+    of two) against one dot per row (level 0): outputs and gradients, GQA, gates, state."""
+    import torch
+
+    from retention.kernels.triton import ops
+
+    ops.BLOCK_M = 16
+    for d in (64, 128):
+        q, k, v, log_g, S0 = _case(1, 32, 2, 1, d, gates=True, state=True, seed=d)
+        runs = []
+        for level in (0, 2):
+            ops.READ_PAIR = ops.GRAD_PAIR = level
+            leaves = [a.clone().requires_grad_() for a in (q, k, v, log_g, *S0)]
+            y, (S, z) = ops.power_retention(*leaves[:4], chunk_size=16,
+                                            initial_state=tuple(leaves[4:]), return_state=True)
+            g = torch.Generator().manual_seed(1)
+            torch.autograd.backward([y, S, z], [torch.randn(a.shape, generator=g)
+                                                for a in (y, S, z)])
+            runs.append([y, S, z] + [a.grad for a in leaves])
+        for a, b in zip(*runs):
+            err = _rel(b.detach(), a.detach())
+            assert err < 1e-5, (d, tuple(a.shape), err)
 
 
 def check_one_chunk():
