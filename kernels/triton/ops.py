@@ -270,8 +270,9 @@ def _grad_pair(d, dt_tl, kernel, major=9):
     """The pair level (above) of the gradients through the features, dq in _dq_bwd ("dq") and
     dk in _dkv_bwd ("dkv"): U of rows a and a+1 as one [BM, 2W] dot, split in registers. With
     bf16 operands, as timed (as _read_pair):
-    - d=64: 1 in _dq_bwd (3.42 -> 3.24 ms; level 2 no better: 3.00-3.16 against 3.09), 0 in
-      _dkv_bwd, where pairs spill more (level 1: 4.81 -> 4.91 ms; level 2: 5.17 -> 6.23);
+    - d=64: 2 in _dq_bwd (level 1: 3.42 -> 3.24 ms; 2: 3.15-3.16 against 3.25, fwd+bwd 12.96
+      / 13.16-13.23 -> 12.89 / 13.07 ms at 16k / 64k), 0 in _dkv_bwd, where pairs spill more
+      (level 1: 4.81 -> 4.91 ms; level 2: 5.17 -> 6.23);
     - d=128: 2 in both (fwd+bwd 124.4 -> 115.0 ms with the reads at 2; dq alone 138.9 ->
       133.1).
     0 where untimed (as _read_pair). RETENTION_TRITON_GRAD_PAIR (ops.GRAD_PAIR) overrides
@@ -280,7 +281,7 @@ def _grad_pair(d, dt_tl, kernel, major=9):
         return GRAD_PAIR
     if dt_tl != tl.bfloat16 or major != 9:
         return 0
-    return {64: 1 if kernel == "dq" else 0, 128: 2}.get(d, 0)
+    return {64: 2 if kernel == "dq" else 0, 128: 2}.get(d, 0)
 
 
 def _scan_values(d):
