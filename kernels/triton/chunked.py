@@ -465,9 +465,10 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
                 BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 PAIR: tl.constexpr = 0):
     """grad[rows] += d/dx of sum_{a in block I, b} fac w_ab x_a x_b U[a,b], U_a = A @ S_a^T.
-    x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile. PAIR 1,
-    when W is a power of two, or 2, for every W: U of rows a and a+1 together
-    (_grad_block_paired)."""
+    x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile; W is
+    cut into up to three power-of-two feature parts. PAIR 1, when W is a power of two, or 2,
+    for every W: U of rows a and a+1 together, one dot per part of twice its width
+    (_grad_part; 2W's power-of-two parts halve to W's, so the tiles are the same)."""
     W: tl.constexpr = D_HEAD - 16 * I
     OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
     P1: tl.constexpr = W & (0 - W)
@@ -475,9 +476,6 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
     P2: tl.constexpr = R1 & (0 - R1)
     R2: tl.constexpr = R1 - P2
     P3: tl.constexpr = R2 & (0 - R2)
-    if PAIR == 2 or (PAIR == 1 and R1 == 0):
-        _grad_block_paired(grow, rm, A, xrow, fac, Sb, cols, I, D_HEAD, BM, DT, PREC)
-        return
     c1 = 16 * I + tl.arange(0, P1)
     w1 = tl.where(c1 < 16 * I + 16, 1.0, SQRT2)
     x1 = _block_cols(xrow, rm, c1) * w1[None, :]
@@ -486,7 +484,7 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
     x3 = x1
     g2 = g1
     g3 = g1
-    if R1 > 0:
+    if R1 > 0:   # parts after the first start at feature 16 or later: all weighted sqrt2
         c2 = 16 * I + P1 + tl.arange(0, P2)
         x2 = _block_cols(xrow, rm, c2) * SQRT2
         g2 = tl.zeros([BM, P2], dtype=tl.float32)
@@ -496,24 +494,44 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
         g3 = tl.zeros([BM, P3], dtype=tl.float32)
     colI = tl.zeros([BM, 16], dtype=tl.float32)
     k16 = tl.arange(0, 16)
-    for al in range(16):
-        xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
-        so = Sb + (OFF + al * W) * D_HEAD
-        sT1 = tl.load(so + tl.arange(0, P1)[None, :] * D_HEAD + cols[:, None])
-        u = tl.dot(A, sT1.to(DT), input_precision=PREC)
-        col = tl.sum(u * x1, axis=1)
-        g1 += u * xa[:, None]
-        if R1 > 0:
-            sT2 = tl.load(so + (P1 + tl.arange(0, P2))[None, :] * D_HEAD + cols[:, None])
-            u = tl.dot(A, sT2.to(DT), input_precision=PREC)
-            col += tl.sum(u * x2, axis=1)
-            g2 += u * xa[:, None]
-        if R2 > 0:
-            sT3 = tl.load(so + (P1 + P2 + tl.arange(0, P3))[None, :] * D_HEAD + cols[:, None])
-            u = tl.dot(A, sT3.to(DT), input_precision=PREC)
-            col += tl.sum(u * x3, axis=1)
-            g3 += u * xa[:, None]
-        colI += tl.where((k16 == al)[None, :], col[:, None], 0.0)
+    if PAIR == 2 or (PAIR == 1 and R1 == 0):
+        for ap in range(8):
+            al = 2 * ap
+            xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
+            xb = tl.load(xrow + 16 * I + al + 1, mask=rm, other=0.0).to(tl.float32) * fac
+            so = Sb + (OFF + al * W) * D_HEAD
+            cola = tl.zeros([BM], dtype=tl.float32)
+            colb = tl.zeros([BM], dtype=tl.float32)
+            g1, cola, colb = _grad_part(A, so, xa, xb, x1, g1, cola, colb, 0, 2 * P1, W, cols,
+                                        BM, D_HEAD, DT, PREC)
+            if R1 > 0:
+                g2, cola, colb = _grad_part(A, so, xa, xb, x2, g2, cola, colb, P1, 2 * P2, W,
+                                            cols, BM, D_HEAD, DT, PREC)
+            if R2 > 0:
+                g3, cola, colb = _grad_part(A, so, xa, xb, x3, g3, cola, colb, P1 + P2, 2 * P3,
+                                            W, cols, BM, D_HEAD, DT, PREC)
+            colI += tl.where((k16 == al)[None, :], cola[:, None],
+                             tl.where((k16 == al + 1)[None, :], colb[:, None], 0.0))
+    else:
+        for al in range(16):
+            xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
+            so = Sb + (OFF + al * W) * D_HEAD
+            sT1 = tl.load(so + tl.arange(0, P1)[None, :] * D_HEAD + cols[:, None])
+            u = tl.dot(A, sT1.to(DT), input_precision=PREC)
+            col = tl.sum(u * x1, axis=1)
+            g1 += u * xa[:, None]
+            if R1 > 0:
+                sT2 = tl.load(so + (P1 + tl.arange(0, P2))[None, :] * D_HEAD + cols[:, None])
+                u = tl.dot(A, sT2.to(DT), input_precision=PREC)
+                col += tl.sum(u * x2, axis=1)
+                g2 += u * xa[:, None]
+            if R2 > 0:
+                sT3 = tl.load(so + (P1 + P2 + tl.arange(0, P3))[None, :] * D_HEAD
+                              + cols[:, None])
+                u = tl.dot(A, sT3.to(DT), input_precision=PREC)
+                col += tl.sum(u * x3, axis=1)
+                g3 += u * xa[:, None]
+            colI += tl.where((k16 == al)[None, :], col[:, None], 0.0)
     tl.debug_barrier()
     _rmw(grow, rm, c1, g1 * w1[None, :])
     if R1 > 0:
@@ -529,8 +547,8 @@ def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.co
 def _grad_part(A, so, xa, xb, x, g, cola, colb, F: tl.constexpr, P: tl.constexpr,
                W: tl.constexpr, cols, BM: tl.constexpr, D_HEAD: tl.constexpr, DT: tl.constexpr,
                PREC: tl.constexpr):
-    """Features F .. F+P/2 of a row pair in _grad_block_paired: U of both rows as one [BM, P]
-    dot with interleaved columns (column 2c + j is row a+j's feature F + c), split back in
+    """Features F .. F+P/2 of a row pair in _grad_block: U of both rows as one [BM, P] dot
+    with interleaved columns (column 2c + j is row a+j's feature F + c), split back in
     registers (a wgmma thread holds adjacent column pairs); then their x_b tile sums and x_a
     columns."""
     j = tl.arange(0, P)
@@ -541,68 +559,6 @@ def _grad_part(A, so, xa, xb, x, g, cola, colb, F: tl.constexpr, P: tl.constexpr
     cola += tl.sum(ua * x, axis=1)
     colb += tl.sum(ub * x, axis=1)
     return g, cola, colb
-
-
-@triton.jit
-def _grad_block_paired(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr,
-                       D_HEAD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
-                       PREC: tl.constexpr):
-    """_grad_block with two rows a per dot: A @ [S_a; S_a+1]^T with interleaved columns, 2W
-    cut into up to three power-of-two parts (one when W is a power of two; W = 48: 32 + 64,
-    features 0-15 and 16-47, two dots per pair instead of four)."""
-    W: tl.constexpr = D_HEAD - 16 * I
-    OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
-    P1: tl.constexpr = (2 * W) & (0 - 2 * W)
-    R1: tl.constexpr = 2 * W - P1
-    P2: tl.constexpr = R1 & (0 - R1)
-    R2: tl.constexpr = R1 - P2
-    P3: tl.constexpr = R2 & (0 - R2)
-    F2: tl.constexpr = P1 // 2
-    F3: tl.constexpr = (P1 + P2) // 2
-    c1 = 16 * I + tl.arange(0, P1 // 2)
-    w1 = tl.where(c1 < 16 * I + 16, 1.0, SQRT2)
-    x1 = _block_cols(xrow, rm, c1) * w1[None, :]
-    g1 = tl.zeros([BM, P1 // 2], dtype=tl.float32)
-    x2 = x1
-    x3 = x1
-    g2 = g1
-    g3 = g1
-    if R1 > 0:   # parts after the first start at feature 16 or later: all weighted sqrt2
-        c2 = 16 * I + F2 + tl.arange(0, P2 // 2)
-        x2 = _block_cols(xrow, rm, c2) * SQRT2
-        g2 = tl.zeros([BM, P2 // 2], dtype=tl.float32)
-    if R2 > 0:
-        c3 = 16 * I + F3 + tl.arange(0, P3 // 2)
-        x3 = _block_cols(xrow, rm, c3) * SQRT2
-        g3 = tl.zeros([BM, P3 // 2], dtype=tl.float32)
-    colI = tl.zeros([BM, 16], dtype=tl.float32)
-    k16 = tl.arange(0, 16)
-    for ap in range(8):
-        al = 2 * ap
-        xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
-        xb = tl.load(xrow + 16 * I + al + 1, mask=rm, other=0.0).to(tl.float32) * fac
-        so = Sb + (OFF + al * W) * D_HEAD
-        cola = tl.zeros([BM], dtype=tl.float32)
-        colb = tl.zeros([BM], dtype=tl.float32)
-        g1, cola, colb = _grad_part(A, so, xa, xb, x1, g1, cola, colb, 0, P1, W, cols, BM,
-                                    D_HEAD, DT, PREC)
-        if R1 > 0:
-            g2, cola, colb = _grad_part(A, so, xa, xb, x2, g2, cola, colb, F2, P2, W, cols,
-                                        BM, D_HEAD, DT, PREC)
-        if R2 > 0:
-            g3, cola, colb = _grad_part(A, so, xa, xb, x3, g3, cola, colb, F3, P3, W, cols,
-                                        BM, D_HEAD, DT, PREC)
-        colI += tl.where((k16 == al)[None, :], cola[:, None],
-                         tl.where((k16 == al + 1)[None, :], colb[:, None], 0.0))
-    tl.debug_barrier()
-    _rmw(grow, rm, c1, g1 * w1[None, :])
-    if R1 > 0:
-        _rmw(grow, rm, c2, g2 * SQRT2)
-    if R2 > 0:
-        _rmw(grow, rm, c3, g3 * SQRT2)
-    tl.debug_barrier()
-    _rmw(grow, rm, 16 * I + k16, colI * fac[:, None])
-    tl.debug_barrier()
 
 
 @triton.jit

@@ -193,8 +193,8 @@ SCAN_PAIR = _env_flag("RETENTION_TRITON_SCAN_PAIR", True)
 # columns, not d. Exact float32 dots (PREC "ieee") stay untransposed: they spill more so.
 SCAN_TRANS = _env_flag("RETENTION_TRITON_SCAN_TRANS", True)
 
-# Rows a in pairs in the row-block kernels' feature loops (chunked._read_block_paired,
-# _grad_block_paired), per block of rows: 0 never, 1 where the block's W is a power of two,
+# Rows a in pairs in the row-block kernels' feature loops (chunked._read_block_paired, and
+# _grad_block with _grad_part), per block of rows: 0 never, 1 where the block's W is a power of two,
 # 2 for every W (2W cut into power-of-two parts: W = 48 as 32 + 64).
 # RETENTION_TRITON_READ_PAIR=0|1|2 forces the state reads' level (_read_pair) and
 # RETENTION_TRITON_GRAD_PAIR=0|1|2 the feature gradients' in both kernels (_grad_pair).
@@ -474,6 +474,7 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
     # dq and dk are summed in float32 (block-wise adds from the state terms) before the cast.
     dq32 = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk32 = torch.empty(k.shape, device=q.device, dtype=torch.float32)
+    major = _major(q.device)
     side = _side_stream(q.device)
     if side is not None:   # everything dq reads is ready on the caller's stream by now
         side.wait_stream(torch.cuda.current_stream(q.device))
@@ -484,14 +485,14 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
         launch.fitted(chunked._dq_bwd, (Tp // bm, B * Hq),
             q, k, v, bg, Sst, Zst, dy, den, delta, dq32, dq, qdq, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
-            GRAD_PAIR=_grad_pair(d, dt_tl, "dq", _major(q.device)), num_warps=_warps(d),
+            GRAD_PAIR=_grad_pair(d, dt_tl, "dq", major), num_warps=_warps(d),
             num_stages=_stages(d, dt_tl))
     for part in DKV_PARTS[DKV_LAUNCH[d]]:
         launch.fitted(chunked._dkv_bwd, (Tp // bm, B * H),
             q, k, v, bg, dSst, dZst, dy, den, delta, dk32, dk, dv, kdk, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
-            RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl, "dkv", _major(q.device)),
-            GRAD_PAIR=_grad_pair(d, dt_tl, "dkv", _major(q.device)),
+            RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl, "dkv", major),
+            GRAD_PAIR=_grad_pair(d, dt_tl, "dkv", major),
             num_warps=_warps(d), num_stages=_stages(d, dt_tl))
     if side is not None:   # dq's outputs, and every buffer it reads, then belong to the caller
         torch.cuda.current_stream(q.device).wait_stream(side)
