@@ -381,6 +381,8 @@ def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.conste
     if R2 > 0:
         c3 = 16 * I + P1 + P2 + tl.arange(0, P3)
         x3 = _block_cols(xrow, rm, c3) * SQRT2
+    acc2 = tl.zeros_like(acc)   # a part's own accumulator keeps its dots in flight
+    acc3 = tl.zeros_like(acc)
     for al in range(16):
         xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
         so = Sb + (OFF + al * W) * D_HEAD
@@ -388,10 +390,14 @@ def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.conste
         acc = tl.dot((x1 * xa[:, None]).to(DT), s1.to(DT), acc, input_precision=PREC)
         if R1 > 0:
             s2 = tl.load(so + (P1 + tl.arange(0, P2))[:, None] * D_HEAD + cols[None, :])
-            acc = tl.dot((x2 * xa[:, None]).to(DT), s2.to(DT), acc, input_precision=PREC)
+            acc2 = tl.dot((x2 * xa[:, None]).to(DT), s2.to(DT), acc2, input_precision=PREC)
         if R2 > 0:
             s3 = tl.load(so + (P1 + P2 + tl.arange(0, P3))[:, None] * D_HEAD + cols[None, :])
-            acc = tl.dot((x3 * xa[:, None]).to(DT), s3.to(DT), acc, input_precision=PREC)
+            acc3 = tl.dot((x3 * xa[:, None]).to(DT), s3.to(DT), acc3, input_precision=PREC)
+    if R1 > 0:
+        acc += acc2
+    if R2 > 0:
+        acc += acc3
     return acc
 
 
@@ -439,6 +445,10 @@ def _read_block_paired(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl
         x2, m2 = _pair_part(xrow, rm, I, W, P1, P2)
     if R2 > 0:
         x3, m3 = _pair_part(xrow, rm, I, W, P1 + P2, P3)
+    # Each part accumulates on its own: a dot whose result feeds only its next iteration stays
+    # in flight (triton 3.6 waits on a dot whose result feeds another dot of the same step).
+    acc2 = tl.zeros_like(acc)
+    acc3 = tl.zeros_like(acc)
     for ap in range(8):
         al = 2 * ap
         xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
@@ -446,9 +456,13 @@ def _read_block_paired(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl
         so = Sb + (OFF + al * W) * D_HEAD
         acc = _pair_dot(acc, x1, m1, xa, xb, so, 0, P1, cols, D_HEAD, DT, PREC)
         if R1 > 0:
-            acc = _pair_dot(acc, x2, m2, xa, xb, so, P1, P2, cols, D_HEAD, DT, PREC)
+            acc2 = _pair_dot(acc2, x2, m2, xa, xb, so, P1, P2, cols, D_HEAD, DT, PREC)
         if R2 > 0:
-            acc = _pair_dot(acc, x3, m3, xa, xb, so, P1 + P2, P3, cols, D_HEAD, DT, PREC)
+            acc3 = _pair_dot(acc3, x3, m3, xa, xb, so, P1 + P2, P3, cols, D_HEAD, DT, PREC)
+    if R1 > 0:
+        acc += acc2
+    if R2 > 0:
+        acc += acc3
     return acc
 
 
@@ -709,8 +723,8 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, DQO, QDQ, scale,
         keep = (rows[:, None] >= kr[None, :]) & km[None, :]
         dw = tl.dot(dnum_dt, vT.to(DT), input_precision=PREC) + dden[:, None]
         ds = 2.0 * dw * s * _intra_gate(bq, bk, keep, kb == pm * BM, Bg + bh64 * Tp + pm * BM,
-                                        RANK1, True)
-        dq += tl.dot(ds.to(DT), kn.to(DT), input_precision=PREC) * scale
+                                        RANK1, True) * scale
+        dq += tl.dot(ds.to(DT), kn.to(DT), input_precision=PREC)
     tl.store(grow[:, None] + cols[None, :], dq, mask=rm[:, None])
     # The state read: u_a = dnum @ S_a^T; added into DQ block by block.
     Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
@@ -815,8 +829,10 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, 
                 dv += tl.dot(wT.to(DT), dnum.to(DT), input_precision=PREC)
             if DO_K:
                 dwT = tl.dot(v, dnumT.to(DT), input_precision=PREC) + dden[None, :]
-                dsT = 2.0 * dwT * sT * E
-                dk += tl.dot(dsT.to(DT), qn.to(DT), input_precision=PREC) * scale
+                # scale inside the operand: a dot whose result only accumulates stays in
+                # flight (triton 3.6 waits on one whose result is scaled); dq does the same.
+                dsT = 2.0 * dwT * sT * E * scale
+                dk += tl.dot(dsT.to(DT), qn.to(DT), input_precision=PREC)
     if DO_V:
         dvbase = DV + (b.to(tl.int64) * T * H + h) * D_HEAD
         tl.store(dvbase + rows[:, None] * krs + cols[None, :], dv.to(DV.dtype.element_ty),
