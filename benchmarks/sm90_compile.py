@@ -6,6 +6,7 @@ than it has), and reports registers and spills, before a device call is spent on
     python benchmarks/sm90_compile.py                       # bf16/fp16/fp32 x d=32/64/128, sm_90a
     python benchmarks/sm90_compile.py --dtypes bfloat16 --dims 64 --arch 80
     RETENTION_TRITON_SCAN_PAIR=0 python benchmarks/sm90_compile.py --dims 64 --only scan
+    python benchmarks/sm90_compile.py --dtypes bfloat16 --dims 64 --waits   # wgmma waits too
 
 The calls (power_retention forward and backward in its chunked form with state, gates and
 grouped queries, and in its one-chunk form; power_retention_step; cross_entropy) run on CPU
@@ -105,7 +106,7 @@ def _key(fn, name, value):
 
 
 def compile_launch(fn, bound, warps, stages, arch):
-    """triton.compile for cuda:arch; returns (registers, spill bytes, shared bytes)."""
+    """triton.compile for cuda:arch; returns (registers, spill bytes, shared bytes, TTGIR)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -128,7 +129,23 @@ def compile_launch(fn, bound, warps, stages, arch):
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=warps, num_stages=stages))
-    return (*_ptxas_usage(k.asm["ptx"], arch), k.metadata.shared)
+    return (*_ptxas_usage(k.asm["ptx"], arch), k.metadata.shared, k.asm.get("ttgir", ""))
+
+
+def dot_waits(ttgir):
+    """(wgmma ops, those waited on at once): a warp_group_dot followed by a wait with
+    pendings = 0 before the next dot. Triton keeps a dot in flight only when its result feeds
+    nothing but later dots' accumulators and its shared operands are pipelined buffers."""
+    dots = waited = 0
+    last_dot = False
+    for line in ttgir.splitlines():
+        if "warp_group_dot_wait" in line:
+            waited += last_dot and "pendings = 0" in line
+            last_dot = False
+        elif "warp_group_dot " in line:
+            dots += 1
+            last_dot = True
+    return dots, waited
 
 
 def _ptxas_usage(ptx, arch):
@@ -178,6 +195,8 @@ def main(argv=None):
     ap.add_argument("--dims", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 or 80")
     ap.add_argument("--only", default=None, help="compile the kernels whose name contains this")
+    ap.add_argument("--waits", action="store_true",
+                    help="also count each launch's wgmma ops and those waited on at once")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sm90_compile.py compiles for a GPU: unset TRITON_INTERPRET")
@@ -195,13 +214,15 @@ def main(argv=None):
     limit = SMEM_LIMIT.get(args.arch)
     for fn, bound, warps, stages in launches:
         t0 = time.perf_counter()
+        waits = ""
         try:
             fit = stages
-            regs, spill, smem = compile_launch(fn, bound, warps, fit, args.arch)
+            regs, spill, smem, ttgir = compile_launch(fn, bound, warps, fit, args.arch)
             while limit and smem > limit and fit > 1:   # as kernels/triton/launch.py does
                 fit -= 1
-                regs, spill, smem = compile_launch(fn, bound, warps, fit, args.arch)
+                regs, spill, smem, ttgir = compile_launch(fn, bound, warps, fit, args.arch)
             res = f"{regs:4d} {spill:5d} {smem:6d}"
+            waits = " | dots %d, waited on at once %d" % dot_waits(ttgir) if args.waits else ""
             if limit and smem > limit:
                 failed += 1
                 res = f"FAIL shared memory {smem} > {limit} bytes even at 1 stage"
@@ -210,7 +231,7 @@ def main(argv=None):
             res = f"FAIL {_root_cause(e)}"
         shown = f"{stages}" if fit == stages else f"{stages}->{fit}"
         print(f"{fn.fn.__name__:16s} {warps:5d} {shown:>6s} {res} "
-              f"{time.perf_counter() - t0:5.1f}  {_describe(bound)}", flush=True)
+              f"{time.perf_counter() - t0:5.1f}  {_describe(bound)}{waits}", flush=True)
     print(f"{failed} of {len(launches)} launches failed to compile" if failed
           else f"all {len(launches)} launches compiled")
     return 1 if failed else 0

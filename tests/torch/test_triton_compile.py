@@ -5,6 +5,7 @@ rejects (a static branch returning two shapes passed it), so this is CI's compil
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -38,7 +39,8 @@ needs_backend = pytest.mark.skipif(not _has_cuda_backend(),
 
 @needs_backend
 def test_every_launch_compiles_for_sm90(tmp_path):
-    proc = _compile(tmp_path, "--dtypes", "bfloat16", "float16", "--dims", "64", "128")
+    proc = _compile(tmp_path, "--dtypes", "bfloat16", "float16", "--dims", "64", "128",
+                    "--waits")
     out = proc.stdout
     assert proc.returncode == 0 and "FAIL" not in out, out[-3000:] + proc.stderr[-3000:]
     # (kernel, its settings and warps) from each line: name, warps, stages, ..., KEY=VALUE
@@ -70,6 +72,12 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         ("_dq_bwd", "128", "bf16", None, "2"), ("_dkv_bwd", "128", "bf16", "2", "2")}
     assert {"_state_scan", "_out_fwd", "_dq_bwd", "_dkv_bwd", "_attn_fwd", "_attn_dq",
             "_attn_dkv", "_row_delta", "_step", "_ce_fwd", "_ce_bwd"} <= {n for n, _ in launches}
+    # The forward's state read keeps its wgmmas in flight (each column part of a block on its
+    # own accumulator): only the intra-chunk scores and one more are waited on at once, where
+    # a chain across the parts made it 4 at d=64 and 11 at d=128 (triton 3.9).
+    waited = [int(re.search(r"waited on at once (\d+)", line).group(1))
+              for line in out.splitlines() if line.startswith("_out_fwd") and "DT=bf16" in line]
+    assert len(waited) == 2 and max(waited) <= 2, waited
 
 
 @needs_backend
