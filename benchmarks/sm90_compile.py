@@ -133,8 +133,8 @@ def compile_launch(fn, bound, warps, stages, arch):
 
 
 def dot_waits(ttgir):
-    """(wgmma ops, those waited on at once): a warp_group_dot followed by a wait with
-    pendings = 0 before the next dot. Triton keeps a dot in flight only when its result feeds
+    """(wgmma ops, those waited on at once): a warp_group_dot followed, in its block, by a
+    wait with pendings = 0 before the next dot. Triton keeps a dot in flight only when its result feeds
     nothing but later dots' accumulators and its shared operands are pipelined buffers."""
     dots = waited = 0
     last_dot = False
@@ -145,6 +145,8 @@ def dot_waits(ttgir):
         elif "warp_group_dot " in line:
             dots += 1
             last_dot = True
+        elif "scf.yield" in line or "scf.for" in line:   # a loop's drain is not a wait at once
+            last_dot = False
     return dots, waited
 
 
