@@ -134,8 +134,9 @@ def compile_launch(fn, bound, warps, stages, arch):
 
 def dot_waits(ttgir):
     """(wgmma ops, those waited on at once): a warp_group_dot followed, in its block, by a
-    wait with pendings = 0 before the next dot. Triton keeps a dot in flight only when its result feeds
-    nothing but later dots' accumulators and its shared operands are pipelined buffers."""
+    wait with pendings = 0 before the next dot. Triton keeps a dot in flight only when its
+    result feeds nothing but later dots' accumulators and its shared operands are pipelined
+    buffers."""
     dots = waited = 0
     last_dot = False
     for line in ttgir.splitlines():
