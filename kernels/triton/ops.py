@@ -259,11 +259,8 @@ def _read_pair(d, dt_tl, kernel, major=9):
     0 where untimed: d=32, float32 operands, and GPUs other than Hopper (major 9; on an
     A100, sm_80, pairs at d=128 spill ten times more: benchmarks/sm90_compile.py --arch 80).
     RETENTION_TRITON_READ_PAIR (ops.READ_PAIR) overrides."""
-    if READ_PAIR is not None:
-        return READ_PAIR
-    if dt_tl != tl.bfloat16 or major != 9:
-        return 0
-    return {64: 2 if kernel == "out" else 1, 128: 2}.get(d, 0)
+    return _pair_level(READ_PAIR, {(64, "out"): 2, (64, "dkv"): 1, (128, "out"): 2,
+                                   (128, "dkv"): 2}, d, dt_tl, kernel, major)
 
 
 def _grad_pair(d, dt_tl, kernel, major=9):
@@ -277,11 +274,18 @@ def _grad_pair(d, dt_tl, kernel, major=9):
       133.1).
     0 where untimed (as _read_pair). RETENTION_TRITON_GRAD_PAIR (ops.GRAD_PAIR) overrides
     both."""
-    if GRAD_PAIR is not None:
-        return GRAD_PAIR
+    return _pair_level(GRAD_PAIR, {(64, "dq"): 2, (128, "dq"): 2, (128, "dkv"): 2}, d, dt_tl,
+                       kernel, major)
+
+
+def _pair_level(forced, timed, d, dt_tl, kernel, major):
+    """The forced level, else the timed one for (d, kernel) with bf16 operands on Hopper
+    (major 9), else 0."""
+    if forced is not None:
+        return forced
     if dt_tl != tl.bfloat16 or major != 9:
         return 0
-    return {64: 2 if kernel == "dq" else 0, 128: 2}.get(d, 0)
+    return timed.get((d, kernel), 0)
 
 
 def _scan_values(d):
