@@ -19,8 +19,8 @@ dw_ij = dnum_i.v_j + dden_i = (dy_i.v_j - delta_i)/den_i, and dw/d(q.k) = 2 s^2 
 The backward kernels read rden = 1/den (rowwise._row_delta), a multiply where a division per
 query and block pair would take a dozen instructions.
 Gradients are written in the inputs' dtype, with the rows' q.dq and k.dk in float32: the
-log-gate gradient is their difference's reversed cumulative sum (ops._bwd_op). Gates come as
-b [B*H, Tp] float32 with Tp a multiple of every block size.
+log-gate gradient is their difference's reversed cumulative sum (ops._log_gate_grad). Gates
+come as b [B*H, Tp] float32 with Tp a multiple of every block size.
 """
 import triton
 import triton.language as tl

@@ -13,7 +13,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -144,13 +143,14 @@ def _dot_types(dtype: torch.dtype):
 
 
 def _chunk_gates(log_g_BTH, chunk: int, n: int) -> torch.Tensor:
-    """Log-gates summed from each chunk's start, [B*H, Tp] float32 (padding adds no decay).
-    The scan runs over the innermost axis: torch scans over outer axes are slow."""
+    """Log-gates summed from each chunk's start, [B*H, n*chunk] float32 (padding adds no
+    decay), by rowwise._gate_cumsum."""
     B, T, H = log_g_BTH.shape
-    lg = log_g_BTH.float().permute(0, 2, 1).contiguous()
-    if n * chunk > T:
-        lg = F.pad(lg, (0, n * chunk - T))
-    return lg.reshape(B * H, n, chunk).cumsum(-1).reshape(B * H, n * chunk)
+    bg = torch.empty(B * H, n * chunk, device=log_g_BTH.device, dtype=torch.float32)
+    bt = min(1024, chunk & -chunk)   # the largest power of two <= 1024 dividing the chunk
+    rowwise._gate_cumsum[(n, B * H)](log_g_BTH.contiguous(), bg, T, H, n * chunk, C=chunk,
+                                     BT=bt)
+    return bg
 
 
 def _stages(d, dt_tl):
@@ -458,11 +458,17 @@ def _query_decay(bg: torch.Tensor, rden: torch.Tensor, block: int) -> torch.Tens
     return (rden.view(bh, -1, tp // block, block) * decay).view(rden.shape)
 
 
-def _log_gate_grad(dG_BHT: torch.Tensor) -> torch.Tensor:
-    """d log_g [B,T,H] from the summands dG: log_g_t enters every G_i with i >= t, so its
-    gradient is the reversed cumulative sum (over the innermost axis: torch scans over outer
-    axes are slow)."""
-    return dG_BHT.flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
+def _log_gate_grad(qdq_BQT: torch.Tensor, kdk_BHT: torch.Tensor,
+                   last_BH: Optional[torch.Tensor]) -> torch.Tensor:
+    """d log_g [B,T,H]: log_g_t enters every G_i with i >= t, so its gradient is the reversed
+    cumulative sum of dG_i = (q_i.dq_i summed over the group - k_i.dk_i) / 2, plus at the last
+    step the final state's term last_BH (rowwise._gate_grad)."""
+    B, H, T = kdk_BHT.shape
+    dlog_g = torch.empty(B, T, H, device=kdk_BHT.device, dtype=torch.float32)
+    rowwise._gate_grad[(B * H,)](qdq_BQT, kdk_BHT, last_BH if last_BH is not None else kdk_BHT,
+                                 dlog_g, T, H, RG=qdq_BQT.shape[1] // H, BT=1024,
+                                 HAS_LAST=last_BH is not None)
+    return dlog_g
 
 
 def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qdq, kdk, scale,
@@ -574,10 +580,9 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
         dS0i, dZ0i = _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst,
                                   dSi if has_dS else None, dZi if has_dS else None, dq, dk, dv,
                                   qdq, kdk, scale, chunk, S0 is not None, dt_tl, dt_torch, prec)
-    dG = 0.5 * (qdq.view(B, H, Hq // H, T).sum(2) - kdk)
-    if has_dS:
-        dG[:, :, -1] += (dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)
-    dlog_g = _log_gate_grad(dG)
+    last = ((dS.float() * S).sum((-1, -2)) + (dz.float() * z).sum(-1)).contiguous() \
+        if has_dS else None
+    dlog_g = _log_gate_grad(qdq, kdk, last)
     if S0 is not None:
         dS0, dz0 = to_canonical(dS0i.view(B, H, Di, d), dZ0i.view(B, H, d, d))
     else:

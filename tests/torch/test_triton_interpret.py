@@ -30,7 +30,7 @@ def _run_child(check: str, **extra_env) -> None:
                                    "scan_widths", "pair_widths",
                                    "one_chunk", "one_chunk_state_out", "float16", "decode",
                                    "api", "checkpointed_compiled_layers", "batch_slices",
-                                   "partial_outputs"])
+                                   "partial_outputs", "gate_sums"])
 def test_triton_kernels_interpreted(check):
     _run_child(check)
 
@@ -393,6 +393,35 @@ def check_checkpointed_compiled_layers():
     from test_layer_wrapping import check_layers_trace_whole
 
     check_layers_trace_whole("kernel")
+
+
+def check_gate_sums():
+    """The gates' per-chunk cumulative sums and the log-gate gradient's reversed one
+    (rowwise._gate_cumsum, _gate_grad) over several of their blocks, against torch: chunk
+    sums restart at each chunk, carry across blocks within one, pad with zeros past T; the
+    gradient sums the group's q.dq, adds the final state's term at the last step only."""
+    import torch
+
+    from retention.kernels.triton import ops
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, RG = 2, 2500, 3, 2
+    log_g = -torch.rand(B, T, H, generator=g)
+    for chunk, n in ((2560, 1), (1152, 3), (48, 53)):   # 5, 9 and 1 blocks per chunk
+        padded = torch.cat([log_g, log_g.new_zeros(B, n * chunk - T, H)], 1)
+        want = padded.permute(0, 2, 1).reshape(B * H, n, chunk).cumsum(-1).reshape(B * H, -1)
+        got = ops._chunk_gates(log_g, chunk, n)
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-4), chunk
+    qdq = torch.randn(B, H * RG, T, generator=g)
+    kdk = torch.randn(B, H, T, generator=g)
+    last = torch.randn(B, H, generator=g)
+    for lt in (None, last):
+        dG = 0.5 * (qdq.view(B, H, RG, T).sum(2) - kdk)
+        if lt is not None:
+            dG[:, :, -1] += lt
+        want = dG.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+        got = ops._log_gate_grad(qdq, kdk, lt)
+        assert got.shape == (B, T, H) and torch.allclose(got, want, rtol=1e-5, atol=1e-3)
 
 
 if __name__ == "__main__":
