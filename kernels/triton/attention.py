@@ -92,14 +92,19 @@ def _attn_fwd(Q, K, V, Bg, EK, Y, DEN, scale, T, H, Hq, Tp,
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
-def _attn_dq(Q, K, V, Bg, EK, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
+def _attn_dq(Q, K, V, Bg, EK, CQ, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
              D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
+             DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr,
+             MATCHED: tl.constexpr = False):
     """dq of BM queries. Off the diagonal the gate splits three ways: e^{b_i - b_m0} / den_i per
     query (m0 the block's first row: it leaves the loop, applied to the sum), one exponential
     e^{b_m0 - b_R} per key block (R its last position) and EK_j = e^{b_R - b_j} per key, read
     from memory (ops._key_decay); every factor <= 1. An exponential per key column and thread
-    had cost 74 of 423 instructions per 64 x 64 pair, a query factor per pair 2 more per row."""
+    had cost 74 of 423 instructions per 64 x 64 pair, a query factor per pair 2 more per row.
+    MATCHED multiplies the query factor, read from CQ (ops._query_decay of BM rows), into each
+    summand before it is rounded, in _attn_dkv's order, so that dq's and dk's rounded summands
+    are the same numbers (the log-gate gradient sums their difference): one multiply more per
+    score."""
     pbh, m0, rows, rm, qoff, kvoff, goff = _query_rows(T, H, Hq, Tp, D_HEAD, BM)
     gbase = Bg + goff
     ekbase = EK + goff
@@ -114,24 +119,34 @@ def _attn_dq(Q, K, V, Bg, EK, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
     bq = tl.load(gbase + rows)
     bref = tl.load(gbase + m0)
     dq = tl.zeros([BM, D_HEAD], dtype=tl.float32)
+    if MATCHED:
+        cq = tl.load(CQ + pbh.to(tl.int64) * Tp + rows)
     for kb in tl.range(0, m0, BN):
         kr = kb + tl.arange(0, BN)
         kT, vT, kn = _key_tiles(K, V, kvoff, kr, kr, cols, krs, TRANS, False)
         s = tl.dot(q, kT.to(DT), input_precision=PREC)
         p = tl.dot(dy, vT.to(DT), input_precision=PREC)
         ck = tl.load(ekbase + kr) * tl.exp(bref - tl.load(gbase + kb + BN - 1))
-        dq += tl.dot(((p - delta[:, None]) * (s * ck[None, :])).to(DT), kn.to(DT),
-                     input_precision=PREC)
-    dq = dq * (tl.exp(bq - bref) * rden)[:, None]
+        if MATCHED:
+            u = s * ck[None, :] * cq[:, None]
+        else:
+            u = s * ck[None, :]
+        dq += tl.dot(((p - delta[:, None]) * u).to(DT), kn.to(DT), input_precision=PREC)
+    if not MATCHED:
+        dq = dq * (tl.exp(bq - bref) * rden)[:, None]
     for kb in tl.range(0, BM, BN, num_stages=1):
         kr = m0 + kb + tl.arange(0, BN)
         km = kr < T
         kT, vT, kn = _key_tiles(K, V, kvoff, kr, km, cols, krs, TRANS, True)
         s = tl.dot(q, kT.to(DT), input_precision=PREC)
         p = tl.dot(dy, vT.to(DT), input_precision=PREC)
-        c = tl.where(rows[:, None] >= kr[None, :],
-                     tl.exp(bq[:, None] - tl.load(gbase + kr)[None, :]), 0.0) * rden[:, None]
-        dq += tl.dot(((p - delta[:, None]) * s * c).to(DT), kn.to(DT), input_precision=PREC)
+        e = tl.where(rows[:, None] >= kr[None, :],
+                     tl.exp(bq[:, None] - tl.load(gbase + kr)[None, :]), 0.0)
+        if MATCHED:
+            u = s * e * rden[:, None]
+        else:
+            u = s * (e * rden[:, None])
+        dq += tl.dot(((p - delta[:, None]) * u).to(DT), kn.to(DT), input_precision=PREC)
     # dq_i = sum_j 2 s^2 (q_i.k_j) e^{b_i - b_j} dw_ij k_j, dw_ij = (dy_i.v_j - delta_i)/den_i.
     dq = dq * (2.0 * scale * scale)
     tl.store(DQ + qp, dq.to(DQ.dtype.element_ty), mask=rm[:, None])
@@ -199,15 +214,18 @@ def _dkv_pair(k, v, qT, qn, dyT, dyn, ck, cq, delta, dk, dv, DT: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
-def _attn_dkv(Q, K, V, Bg, DY, RDEN, CQ, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
+def _attn_dkv(Q, K, V, Bg, EK, DY, RDEN, CQ, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp,
               D_HEAD: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr):
+              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr,
+              QB: tl.constexpr = 0):
     """dk and dv of BN keys: the group's queries in BM-row blocks, the diagonal ones masked.
     Off the diagonal the gate is e^{b_R - b_j} per key (R the block's last key), one
     exponential e^{b_Q - b_R} per query block (Q its first row) and CQ_i = e^{b_i - b_Q}/den_i
     per query, read from memory (ops._query_decay): no exponential per query column and
     thread. PART 0 computes both; 1 only dv and 2 only dk (two launches, fewer live registers
-    each, the scores computed twice)."""
+    each, the scores computed twice). QB > 0 (_attn_dq's MATCHED, its BM rows; BN its key
+    block): Q is the first row of the query's QB-row block and e^{b_R - b_j} comes from EK
+    (ops._key_decay), so every factor is the very number _attn_dq forms."""
     pn = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -225,7 +243,10 @@ def _attn_dkv(Q, K, V, Bg, DY, RDEN, CQ, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp
     gbase = Bg + bh.to(tl.int64) * Tp
     bk = tl.load(gbase + rows)
     bref = tl.load(gbase + n0 + BN - 1)
-    ek = tl.exp(bref - bk)[:, None]
+    if QB > 0:
+        ek = tl.load(EK + bh.to(tl.int64) * Tp + rows)[:, None]
+    else:
+        ek = tl.exp(bref - bk)[:, None]
     dk = tl.zeros([BN, D_HEAD], dtype=tl.float32)
     dv = tl.zeros([BN, D_HEAD], dtype=tl.float32)
     # Queries after the block: all causal, gate e^{bref - bk} x e^{bq - bref}.
@@ -237,7 +258,10 @@ def _attn_dkv(Q, K, V, Bg, DY, RDEN, CQ, DELTA, DK, DV, KDK, scale, T, H, Hq, Tp
             qr = qb + tl.arange(0, BM)
             qT, qn, dyT, dyn, cq, delta = _query_tiles(Q, DY, CQ, DELTA, qoff, rowbase, qr,
                                                        cols, qrs, T, TRANS)
-            ck = ek * tl.exp(tl.load(gbase + qb) - bref)
+            if QB > 0:
+                ck = ek * tl.exp(tl.load(gbase + (qb // QB) * QB) - bref)
+            else:
+                ck = ek * tl.exp(tl.load(gbase + qb) - bref)
             dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, ck, cq[None, :], delta, dk, dv, DT, PREC,
                                PART)
     # Queries in the block's own rows: masked, one exponential per pair.

@@ -121,6 +121,14 @@ ATTN_TRANS = {kind: {d: _TRANS_ENV != "0" for d in (16, 32, 64, 128)}
               for kind in ("dq", "dkv")}
 
 
+# The one-chunk dq and dk summands formed from the same factors in the same order, so they
+# round alike: the log-gate gradient sums their difference over T^2 pairs, and its error at
+# T=4096 (GPU grid, d=64) is 4.4e-3 against 9.3e-3 with dq's query factor applied after
+# its sum, for 0-1% more fwd+bwd time (H200, 2026-11-30). Where the blocks allow it
+# (_matched_blocks); RETENTION_TRITON_ATTN_MATCHED=0 turns it off.
+ATTN_MATCHED = _env_flag("RETENTION_TRITON_ATTN_MATCHED", True)
+
+
 def _attn_len(T: int) -> int:
     """Gates' padded length for the one-chunk kernels: a multiple of every block they use."""
     top = max(max(r, c) for table in ATTN_BLOCKS.values() for r, c, _, _ in table.values())
@@ -427,17 +435,35 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
     Tp = _attn_len(T)
     bg = _chunk_gates(log_g, Tp, 1)
     bm, bn, warps, stages = _attn_blocks("dq", d, dt_tl)
+    ek = _key_decay(bg, bn)
+    qb = _matched_blocks(d, dt_tl)
+    cq_dq = _query_decay(bg, rden, bm) if qb else rden   # rden: not read
     launch.fitted(attention._attn_dq, (triton.cdiv(T, bm), B * Hq),
-        q, k, v, bg, _key_decay(bg, bn), dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
+        q, k, v, bg, ek, cq_dq, dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
-        num_warps=warps, num_stages=stages)
+        MATCHED=qb > 0, num_warps=warps, num_stages=stages)
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
         bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
-        cq = _query_decay(bg, rden, bm)   # per query block of this launch's bm rows
+        # per query block of this launch's bm rows, or of dq's with the matched summands
+        cq = cq_dq if qb else _query_decay(bg, rden, bm)
         launch.fitted(attention._attn_dkv, (triton.cdiv(T, bn), B * H),
-            q, k, v, bg, dy, rden, cq, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
+            q, k, v, bg, ek, dy, rden, cq, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
-            num_warps=warps, num_stages=stages)
+            QB=qb, num_warps=warps, num_stages=stages)
+
+
+def _matched_blocks(d: int, dt_tl) -> int:
+    """dq's query block when the one-chunk dq and dk form their summands from the same
+    factors in the same order (ATTN_MATCHED), else 0. Both must split the gate at the same
+    rows and take the same pairs as diagonal: dq's query and key blocks and dk/dv's key block
+    all of one size, dk/dv's query blocks nested in it (d <= 64; not d=128's 128-row dq)."""
+    if not ATTN_MATCHED:
+        return 0
+    bm, bn = _attn_blocks("dq", d, dt_tl)[:2]
+    kinds = ("dv", "dk") if ATTN_SPLIT_DKV[d] else ("dkv",)
+    fits = bm == bn and all(_attn_blocks(kind, d, dt_tl)[0] == bm
+                            and bm % _attn_blocks(kind, d, dt_tl)[1] == 0 for kind in kinds)
+    return bm if fits else 0
 
 
 def _key_decay(bg: torch.Tensor, block: int) -> torch.Tensor:

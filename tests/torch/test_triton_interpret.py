@@ -61,12 +61,14 @@ def test_triton_kernel_variants_interpreted(env):
 
 
 @pytest.mark.parametrize("env", [{"RETENTION_TRITON_ATTN_TRANS": "0"},
-                                 {"RETENTION_TRITON_ATTN_SPLIT_DKV": "1"}],
-                         ids=["transposed-loads", "split-dk-dv"])
+                                 {"RETENTION_TRITON_ATTN_SPLIT_DKV": "1"},
+                                 {"RETENTION_TRITON_ATTN_MATCHED": "0"}],
+                         ids=["transposed-loads", "split-dk-dv", "unmatched-summands"])
 def test_one_chunk_variants_interpreted(env):
     """The one-chunk backward with its transposed operands loaded as such instead of
-    tl.trans of the loaded tiles (ops.ATTN_TRANS), and with dv and dk in two launches
-    (ops.ATTN_SPLIT_DKV)."""
+    tl.trans of the loaded tiles (ops.ATTN_TRANS), with dv and dk in two launches
+    (ops.ATTN_SPLIT_DKV), and with dq's query factor applied after its sum instead of dq's
+    and dk's summands from the same factors (ops.ATTN_MATCHED off)."""
     _run_child("one_chunk", **env)
 
 
@@ -231,6 +233,8 @@ def check_pair_widths():
 def check_one_chunk():
     """Training's call on a sequence within one chunk (the default chunk up to
     ops.QUADRATIC_MAX): no state is built or read, the plain attention form."""
+    import torch
+
     from retention.kernels.triton import ops
 
     assert ops.default_chunk(50) == 64 and ops._stateless(1, None, False)
@@ -241,6 +245,13 @@ def check_one_chunk():
     _check_fwd_bwd(gates=True, state=False, Hq=4, H=2, chunk=None, state_out=False)
     ops.ATTN_BLOCKS = {kind: {32: (16, 16, 4, 1)} for kind in small}
     _check_fwd_bwd(gates=True, state=False, Hq=2, H=2, chunk=None, state_out=False)
+    # dq's 32-row blocks over dk/dv's 16-query ones: with ATTN_MATCHED, dk/dv splits the gate
+    # at the first row of dq's block, not its own (ops._matched_blocks)
+    ops.ATTN_BLOCKS = {kind: {32: (32, 32, 4, 1)} for kind in small}
+    ops.ATTN_BLOCKS["dkv"] = ops.ATTN_BLOCKS["dv"] = ops.ATTN_BLOCKS["dk"] = {32: (32, 16, 4, 1)}
+    assert ops._matched_blocks(32, ops._dot_types(torch.float32)[0]) == (
+        32 if ops.ATTN_MATCHED else 0)
+    _check_fwd_bwd(gates=True, state=False, Hq=4, H=2, chunk=None, state_out=False)
 
 
 def check_one_chunk_state_out():
