@@ -199,9 +199,10 @@ def _dkv_pair(k, v, qT, qn, dyT, dyn, ck, cq, delta, dk, dv, DT: tl.constexpr,
     """Adds one (key block, query block) pair: the gate over den is ck * cq (broadcast; [BN, 1]
     x [1, BM] off the diagonal, so no [BN, BM] gate tile is held; the masked [BN, BM]
     exponentials x [1, BM] on it), without the s^2 (and 2 s^2 for dk) that the caller applies
-    at the end. The rounded dk summand is _attn_dq's dq summand up to float32 rounding of the
-    gate: the gate gradient sums q.dq - k.dk over all pairs after t, whose bf16 rounding
-    errors then cancel. PART 1 adds dv only, 2 dk only, 0 both."""
+    at the end. The rounded dk summand is _attn_dq's dq summand (the same number when both
+    form the gate from the same factors, ops.ATTN_MATCHED): the gate gradient sums q.dq - k.dk
+    over all pairs after t, whose bf16 rounding errors then cancel. PART 1 adds dv only, 2 dk
+    only, 0 both."""
     sT = tl.dot(k, qT.to(DT), input_precision=PREC)
     if PART != 1:
         pT = tl.dot(v, dyT.to(DT), input_precision=PREC)
