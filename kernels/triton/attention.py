@@ -259,10 +259,10 @@ def _attn_dkv(Q, K, V, Bg, EK, DY, RDEN, CQ, DELTA, DK, DV, KDK, scale, T, H, Hq
             qr = qb + tl.arange(0, BM)
             qT, qn, dyT, dyn, cq, delta = _query_tiles(Q, DY, CQ, DELTA, qoff, rowbase, qr,
                                                        cols, qrs, T, TRANS)
+            qref = qb   # Q: the query block's first row, or that of dq's block holding it
             if QB > 0:
-                ck = ek * tl.exp(tl.load(gbase + (qb // QB) * QB) - bref)
-            else:
-                ck = ek * tl.exp(tl.load(gbase + qb) - bref)
+                qref = (qb // QB) * QB
+            ck = ek * tl.exp(tl.load(gbase + qref) - bref)
             dk, dv = _dkv_pair(k, v, qT, qn, dyT, dyn, ck, cq[None, :], delta, dk, dv, DT, PREC,
                                PART)
     # Queries in the block's own rows: masked, one exponential per pair.

@@ -461,8 +461,8 @@ def _matched_blocks(d: int, dt_tl) -> int:
         return 0
     bm, bn = _attn_blocks("dq", d, dt_tl)[:2]
     kinds = ("dv", "dk") if ATTN_SPLIT_DKV[d] else ("dkv",)
-    fits = bm == bn and all(_attn_blocks(kind, d, dt_tl)[0] == bm
-                            and bm % _attn_blocks(kind, d, dt_tl)[1] == 0 for kind in kinds)
+    dkv = [_attn_blocks(kind, d, dt_tl)[:2] for kind in kinds]   # (keys, queries) per launch
+    fits = bm == bn and all(keys == bm and bm % queries == 0 for keys, queries in dkv)
     return bm if fits else 0
 
 
