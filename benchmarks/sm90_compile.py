@@ -100,7 +100,8 @@ def _key(fn, name, value):
 
     if isinstance(value, torch.Tensor):
         return _sig(value)
-    if next(p for p in fn.params if p.name == name).is_constexpr:
+    param = next((p for p in fn.params if p.name == name), None)
+    if param is None or param.is_constexpr:   # None: a launch option such as maxnreg
         return repr(value)
     return isinstance(value, int) and value % 16 == 0
 
@@ -127,8 +128,10 @@ def compile_launch(fn, bound, warps, stages, arch):
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
+    options = dict(num_warps=warps, num_stages=stages)
+    if bound.get("maxnreg"):   # a launch's register cap (ops.REGISTER_CAPS)
+        options["maxnreg"] = bound["maxnreg"]
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return (*_ptxas_usage(k.asm["ptx"], arch), k.metadata.shared, k.asm.get("ttgir", ""))
 
 
@@ -181,7 +184,7 @@ def _describe(bound):
     import triton.language as tl
 
     keep = ("D_HEAD", "DT", "PREC", "PART", "REVERSE", "HAS_INIT", "PAIR", "TRANS", "AG",
-            "READ_PAIR", "GRAD_PAIR", "BM", "BN", "BK", "C")
+            "READ_PAIR", "GRAD_PAIR", "BM", "BN", "BK", "C", "maxnreg")
     parts = []
     for k in keep:
         if k in bound:

@@ -101,6 +101,24 @@ ATTN_BLOCKS = {
 ATTN_BLOCKS_F32 = {"dq": {128: (64, 32, 4, 2)}}
 
 
+# ptxas register caps, by kernel and head dim, for bf16 operands on Hopper: at 168 registers
+# three programs of 4 warps share a multiprocessor instead of two (they compiled to 206-240),
+# which hides more of each one's latency. Timed on an H200 (2026-11-30, fwd+bwd ms): the
+# one-chunk dq and dk/dv 6.84 -> 6.31 at 4k and 2.26 -> 2.07 at 1k (no spills in dq, 24
+# bytes in dk/dv); the chunked forward read 12.99 -> 12.86 at 64k. Not where untimed: float32
+# operands, other head dims (d=128 spills ~1 KB), other GPUs. RETENTION_TRITON_MAXNREG
+# overrides per kernel (launch.ENV_REGISTER_CAPS; 0 removes a cap).
+REGISTER_CAPS = {("_attn_dq", 64): 168, ("_attn_dkv", 64): 168, ("_out_fwd", 64): 168}
+
+
+def _register_cap(kernel, d: int, dt_tl, major: int) -> dict:
+    """{"maxnreg": cap} for the launch of kernel at head dim d, or {} (see REGISTER_CAPS)."""
+    if dt_tl != tl.bfloat16 or major != 9:
+        return {}
+    cap = REGISTER_CAPS.get((kernel.fn.__name__, d))
+    return {"maxnreg": cap} if cap else {}
+
+
 def _attn_blocks(kind: str, d: int, dt_tl) -> tuple[int, int, int, int]:
     """(rows, cols, warps, stages) of a one-chunk kernel at head dim d for operands dt_tl."""
     if dt_tl == tl.float32 and d in ATTN_BLOCKS_F32.get(kind, {}):
@@ -403,7 +421,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
             q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n, D_HEAD=d,
             DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
             READ_PAIR=_read_pair(d, dt_tl, "out", _major(q.device)), num_warps=_warps(d),
-            num_stages=_stages(d, dt_tl))
+            num_stages=_stages(d, dt_tl),
+            **_register_cap(chunked._out_fwd, d, dt_tl, _major(q.device)))
     else:
         _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec)
     if want_state:
@@ -441,7 +460,8 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
     launch.fitted(attention._attn_dq, (triton.cdiv(T, bm), B * Hq),
         q, k, v, bg, ek, cq_dq, dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
-        MATCHED=qb > 0, num_warps=warps, num_stages=stages)
+        MATCHED=qb > 0, num_warps=warps, num_stages=stages,
+        **_register_cap(attention._attn_dq, d, dt_tl, _major(q.device)))
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
         bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
         # per query block of this launch's bm rows, or of dq's with the matched summands
@@ -449,7 +469,9 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
         launch.fitted(attention._attn_dkv, (triton.cdiv(T, bn), B * H),
             q, k, v, bg, ek, dy, rden, cq, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
-            QB=qb, num_warps=warps, num_stages=stages)
+            QB=qb, num_warps=warps, num_stages=stages,
+            **(_register_cap(attention._attn_dkv, d, dt_tl, _major(q.device)) if part == 0
+               else {}))
 
 
 def _matched_blocks(d: int, dt_tl) -> int:
