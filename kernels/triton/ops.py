@@ -103,11 +103,13 @@ ATTN_BLOCKS_F32 = {"dq": {128: (64, 32, 4, 2)}}
 
 # ptxas register caps, by kernel and head dim, for bf16 operands on Hopper: at 168 registers
 # three programs of 4 warps share a multiprocessor instead of two (they compiled to 206-240),
-# which hides more of each one's latency. Timed on an H200 (2026-11-30, fwd+bwd ms): the
-# one-chunk dq and dk/dv 6.84 -> 6.31 at 4k and 2.26 -> 2.07 at 1k (no spills in dq, 24
-# bytes in dk/dv); the chunked forward read 12.99 -> 12.86 at 64k. Not where untimed: float32
-# operands, other head dims (d=128 spills ~1 KB), other GPUs. RETENTION_TRITON_MAXNREG
-# overrides per kernel (launch.ENV_REGISTER_CAPS; 0 removes a cap).
+# which hides more of each one's latency. Timed on an H200 (2026-11-30, fwd+bwd ms, capped
+# against uncapped): the one-chunk dq and dk/dv 6.23-6.34 against 6.78-6.85 at 4k and
+# 2.03-2.11 against 2.26 at 1k (no spills in dq, 24 bytes in dk/dv); the chunked forward read
+# 12.85-12.86 against 12.99-13.00 at 64k. None where untimed: float32 operands, other head
+# dims (d=128 spills ~1 KB), other GPUs; the chunked backward kernels and the scan spill
+# 360-1,100 bytes at 168 and ran slower. RETENTION_TRITON_MAXNREG overrides per kernel
+# (launch.ENV_REGISTER_CAPS; 0 removes a cap).
 REGISTER_CAPS = {("_attn_dq", 64): 168, ("_attn_dkv", 64): 168, ("_out_fwd", 64): 168}
 
 
