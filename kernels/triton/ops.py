@@ -110,14 +110,12 @@ ATTN_BLOCKS_F32 = {"dq": {128: (64, 32, 4, 2)}}
 # dims (d=128 spills ~1 KB), other GPUs; the chunked backward kernels and the scan spill
 # 360-1,100 bytes at 168 and ran slower. RETENTION_TRITON_MAXNREG overrides per kernel
 # (launch.ENV_REGISTER_CAPS; 0 removes a cap).
-REGISTER_CAPS = {("_attn_dq", 64): 168, ("_attn_dkv", 64): 168, ("_out_fwd", 64): 168}
+REGISTER_CAPS = {(64, "_attn_dq"): 168, (64, "_attn_dkv"): 168, (64, "_out_fwd"): 168}
 
 
 def _register_cap(kernel, d: int, dt_tl, major: int) -> dict:
     """{"maxnreg": cap} for the launch of kernel at head dim d, or {} (see REGISTER_CAPS)."""
-    if dt_tl != tl.bfloat16 or major != 9:
-        return {}
-    cap = REGISTER_CAPS.get((kernel.fn.__name__, d))
+    cap = _timed_setting(None, REGISTER_CAPS, d, dt_tl, kernel.fn.__name__, major)
     return {"maxnreg": cap} if cap else {}
 
 
@@ -287,7 +285,7 @@ def _read_pair(d, dt_tl, kernel, major=9):
     0 where untimed: d=32, float32 operands, and GPUs other than Hopper (major 9; on an
     A100, sm_80, pairs at d=128 spill ten times more: benchmarks/sm90_compile.py --arch 80).
     RETENTION_TRITON_READ_PAIR (ops.READ_PAIR) overrides."""
-    return _pair_level(READ_PAIR, {(64, "out"): 2, (64, "dkv"): 1, (128, "out"): 2,
+    return _timed_setting(READ_PAIR, {(64, "out"): 2, (64, "dkv"): 1, (128, "out"): 2,
                                    (128, "dkv"): 2}, d, dt_tl, kernel, major)
 
 
@@ -302,13 +300,13 @@ def _grad_pair(d, dt_tl, kernel, major=9):
       133.1).
     0 where untimed (as _read_pair). RETENTION_TRITON_GRAD_PAIR (ops.GRAD_PAIR) overrides
     both."""
-    return _pair_level(GRAD_PAIR, {(64, "dq"): 2, (128, "dq"): 2, (128, "dkv"): 2}, d, dt_tl,
+    return _timed_setting(GRAD_PAIR, {(64, "dq"): 2, (128, "dq"): 2, (128, "dkv"): 2}, d, dt_tl,
                        kernel, major)
 
 
-def _pair_level(forced, timed, d, dt_tl, kernel, major):
-    """The forced level, else the timed one for (d, kernel) with bf16 operands on Hopper
-    (major 9), else 0."""
+def _timed_setting(forced, timed, d, dt_tl, kernel, major):
+    """The forced setting, else the timed one for (d, kernel) with bf16 operands on Hopper
+    (major 9), else 0 (pair levels, register caps)."""
     if forced is not None:
         return forced
     if dt_tl != tl.bfloat16 or major != 9:
@@ -419,12 +417,12 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tens
     y = torch.empty_like(q)
     den = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if has_state:
+        major = _major(q.device)
         launch.fitted(chunked._out_fwd, (Tp // bm, B * Hq),
             q, k, v, bg, Sst, Zst, y, den, scale, T, H, Hq, Tp, n, D_HEAD=d,
             DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
-            READ_PAIR=_read_pair(d, dt_tl, "out", _major(q.device)), num_warps=_warps(d),
-            num_stages=_stages(d, dt_tl),
-            **_register_cap(chunked._out_fwd, d, dt_tl, _major(q.device)))
+            READ_PAIR=_read_pair(d, dt_tl, "out", major), num_warps=_warps(d),
+            num_stages=_stages(d, dt_tl), **_register_cap(chunked._out_fwd, d, dt_tl, major))
     else:
         _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec)
     if want_state:
@@ -456,6 +454,7 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
     Tp = _attn_len(T)
     bg = _chunk_gates(log_g, Tp, 1)
     bm, bn, warps, stages = _attn_blocks("dq", d, dt_tl)
+    major = _major(q.device)
     ek = _key_decay(bg, bn)
     qb = _matched_blocks(d, dt_tl)
     cq_dq = _query_decay(bg, rden, bm) if qb else rden   # rden: not read
@@ -463,7 +462,7 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
         q, k, v, bg, ek, cq_dq, dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
         MATCHED=qb > 0, num_warps=warps, num_stages=stages,
-        **_register_cap(attention._attn_dq, d, dt_tl, _major(q.device)))
+        **_register_cap(attention._attn_dq, d, dt_tl, major))
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
         bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
         # per query block of this launch's bm rows, or of dq's with the matched summands
@@ -471,9 +470,8 @@ def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale,
         launch.fitted(attention._attn_dkv, (triton.cdiv(T, bn), B * H),
             q, k, v, bg, ek, dy, rden, cq, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
-            QB=qb, num_warps=warps, num_stages=stages,
-            **(_register_cap(attention._attn_dkv, d, dt_tl, _major(q.device)) if part == 0
-               else {}))
+            QB=qb, num_warps=warps, num_stages=stages,   # caps timed on the joint launch only
+            **(_register_cap(attention._attn_dkv, d, dt_tl, major) if part == 0 else {}))
 
 
 def _matched_blocks(d: int, dt_tl) -> int:
