@@ -92,19 +92,24 @@ def _attn_fwd(Q, K, V, Bg, EK, Y, DEN, scale, T, H, Hq, Tp,
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
-def _attn_dq(Q, K, V, Bg, EK, CQ, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
+def _attn_dq(Q, K, V, Bg, EK, DY, Y, DEN, DELTA, RDEN, CQ, DQ, QDQ, scale, T, H, Hq, Tp,
              D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr,
-             MATCHED: tl.constexpr = False):
+             MATCHED: tl.constexpr = False, QB: tl.constexpr = 64):
     """dq of BM queries. Off the diagonal the gate splits three ways: e^{b_i - b_m0} / den_i per
     query (m0 the block's first row: it leaves the loop, applied to the sum), one exponential
     e^{b_m0 - b_R} per key block (R its last position) and EK_j = e^{b_R - b_j} per key, read
-    from memory (ops._key_decay); every factor <= 1. An exponential per key column and thread
+    from memory (rowwise._gate_cumsum writes it with the gates); every factor <= 1. An exponential per key column and thread
     had cost 74 of 423 instructions per 64 x 64 pair, a query factor per pair 2 more per row.
-    MATCHED multiplies the query factor, read from CQ (ops._query_decay of BM rows), into each
+    MATCHED multiplies the query factor (CQ below, of this block's rows: QB = BM) into each
     summand before it is rounded, in _attn_dkv's order, so that dq's and dk's rounded summands
     are the same numbers (the log-gate gradient sums their difference): one multiply more per
-    score."""
+    score.
+
+    Before its loop the program forms, for its rows, what the backward's other launches read:
+    DELTA = dy.y, RDEN = 1/den and CQ = e^{b_i - b_Q}/den_i (Q the first row of i's block of
+    QB rows), zero past T (_attn_dkv reads whole query blocks without masks), [B*Hq, Tp]. A
+    row-wise launch and three torch ops had done this, reading dy a second time."""
     pbh, m0, rows, rm, qoff, kvoff, goff = _query_rows(T, H, Hq, Tp, D_HEAD, BM)
     gbase = Bg + goff
     ekbase = EK + goff
@@ -113,14 +118,20 @@ def _attn_dq(Q, K, V, Bg, EK, CQ, DY, RDEN, DELTA, DQ, QDQ, scale, T, H, Hq, Tp,
     krs = H * D_HEAD
     qp = qoff + rows[:, None] * qrs + cols[None, :]
     q = tl.load(Q + qp, mask=rm[:, None], other=0.0).to(DT)
-    dy = tl.load(DY + qp, mask=rm[:, None], other=0.0).to(DT)
-    rden = tl.load(RDEN + pbh.to(tl.int64) * Tp + rows)
-    delta = tl.load(DELTA + pbh.to(tl.int64) * Tp + rows)
+    dy_in = tl.load(DY + qp, mask=rm[:, None], other=0.0)
+    delta = tl.sum(dy_in.to(tl.float32) *
+                   tl.load(Y + qp, mask=rm[:, None], other=0.0).to(tl.float32), axis=1)
+    dy = dy_in.to(DT)
+    den = tl.load(DEN + pbh.to(tl.int64) * T + rows, mask=rm, other=1.0)
+    rden = tl.where(rm, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
     bq = tl.load(gbase + rows)
     bref = tl.load(gbase + m0)
+    cq = rden * tl.exp(bq - tl.load(gbase + (rows // QB) * QB))
+    rowp = pbh.to(tl.int64) * Tp + rows
+    tl.store(DELTA + rowp, delta)
+    tl.store(RDEN + rowp, rden)
+    tl.store(CQ + rowp, cq)
     dq = tl.zeros([BM, D_HEAD], dtype=tl.float32)
-    if MATCHED:
-        cq = tl.load(CQ + pbh.to(tl.int64) * Tp + rows)
     for kb in tl.range(0, m0, BN):
         kr = kb + tl.arange(0, BN)
         kT, vT, kn = _key_tiles(K, V, kvoff, kr, kr, cols, krs, TRANS, False)
@@ -175,10 +186,10 @@ def _key_tiles(K, V, kvoff, kr, km, cols, krs, TRANS: tl.constexpr, MASKED: tl.c
 @triton.jit
 def _query_tiles(Q, DY, RDEN, DELTA, qoff, rowbase, qr, cols, qrs, T, TRANS: tl.constexpr):
     """A query block as the key-side program reads it: q and dy both ways round (TRANS as in
-    _key_tiles), its row factor (1/den, or ops._query_decay's) and delta. No masks (a compare
-    and a select per element and pipeline stage): rows past T read row T-1's q and dy, and
-    their zero row factor (rowwise._row_delta pads rden to the gates' length) zeroes every
-    term they enter."""
+    _key_tiles), its row factor (1/den, or the gate factor CQ) and delta, as _attn_dq wrote
+    them. No masks (a compare and a select per element and pipeline stage): rows past T read
+    row T-1's q and dy, and their zero row factor (_attn_dq writes zeros past T) zeroes
+    every term they enter."""
     qc = tl.minimum(qr, T - 1)
     pN = qoff + qc[:, None] * qrs + cols[None, :]
     qn = tl.load(Q + pN)
@@ -222,11 +233,11 @@ def _attn_dkv(Q, K, V, Bg, EK, DY, RDEN, CQ, DELTA, DK, DV, KDK, scale, T, H, Hq
     """dk and dv of BN keys: the group's queries in BM-row blocks, the diagonal ones masked.
     Off the diagonal the gate is e^{b_R - b_j} per key (R the block's last key), one
     exponential e^{b_Q - b_R} per query block (Q its first row) and CQ_i = e^{b_i - b_Q}/den_i
-    per query, read from memory (ops._query_decay): no exponential per query column and
+    per query, read from memory (written by _attn_dq): no exponential per query column and
     thread. PART 0 computes both; 1 only dv and 2 only dk (two launches, fewer live registers
     each, the scores computed twice). QB > 0 (_attn_dq's MATCHED, its BM rows; BN its key
     block): Q is the first row of the query's QB-row block and e^{b_R - b_j} comes from EK
-    (ops._key_decay), so every factor is the very number _attn_dq forms."""
+    (rowwise._gate_cumsum), so every factor is the very number _attn_dq forms."""
     pn = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

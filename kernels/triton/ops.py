@@ -168,15 +168,20 @@ def _dot_types(dtype: torch.dtype):
     return tl.float32, torch.float32, ("tf32" if dtype == torch.float16 else "ieee")
 
 
-def _chunk_gates(log_g_BTH, chunk: int, n: int) -> torch.Tensor:
+def _chunk_gates(log_g_BTH, chunk: int, n: int, key_block: int = 0):
     """Log-gates summed from each chunk's start, [B*H, n*chunk] float32 (padding adds no
-    decay), by rowwise._gate_cumsum."""
+    decay), by rowwise._gate_cumsum; with key_block, also (bg, ek): ek = e^{b_R - b_j} for
+    every key j, R the last position of j's block of key_block keys (<= 1: b does not
+    increase), the key side of the one-chunk kernels' gate off the diagonal."""
     B, T, H = log_g_BTH.shape
     bg = torch.empty(B * H, n * chunk, device=log_g_BTH.device, dtype=torch.float32)
+    ek = torch.empty_like(bg) if key_block else bg
     bt = min(1024, chunk & -chunk)   # the largest power of two <= 1024 dividing the chunk
-    rowwise._gate_cumsum[(n, B * H)](log_g_BTH.contiguous(), bg, T, H, n * chunk, C=chunk,
-                                     BT=bt)
-    return bg
+    if key_block and bt % key_block:
+        raise ValueError(f"key blocks of {key_block} must divide the gate tile {bt}")
+    rowwise._gate_cumsum[(n, B * H)](log_g_BTH.contiguous(), bg, ek, T, H, n * chunk, C=chunk,
+                                     BT=bt, KB=key_block)
+    return (bg, ek) if key_block else bg
 
 
 def _stages(d, dt_tl):
@@ -440,38 +445,47 @@ def _attention_fwd(q, k, v, log_g, y, den, scale, dt_tl, prec):
     H = k.shape[2]
     Tp = _attn_len(T)
     bm, bn, warps, stages = _attn_blocks("fwd", d, dt_tl)
-    bg = _chunk_gates(log_g, Tp, 1)
+    bg, ek = _chunk_gates(log_g, Tp, 1, key_block=bn)
     launch.fitted(attention._attn_fwd, (triton.cdiv(T, bm), B * Hq),
-        q, k, v, bg, _key_decay(bg, bn), y, den, scale, T, H, Hq, Tp,
+        q, k, v, bg, ek, y, den, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, num_warps=warps, num_stages=stages)
 
 
-def _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale, dt_tl, prec):
+def _attention_bwd(q, k, v, log_g, dy, y, den, dq, dk, dv, qdq, kdk, scale, dt_tl, prec):
     """The one-chunk backward (attention.py): dq, dk, dv in place in the inputs' dtype, with
-    the row sums q.dq [B,Hq,T] and k.dk [B,H,T]."""
+    the row sums q.dq [B,Hq,T] and k.dk [B,H,T]. The dq launch also writes the query rows'
+    delta, 1/den and gate factor that the dk/dv launch reads; returned ([B*Hq, Tp] float32,
+    defined on dq's rows) for the tests."""
     B, T, Hq, d = q.shape
     H = k.shape[2]
     Tp = _attn_len(T)
-    bg = _chunk_gates(log_g, Tp, 1)
     bm, bn, warps, stages = _attn_blocks("dq", d, dt_tl)
+    bg, ek = _chunk_gates(log_g, Tp, 1, key_block=bn)
     major = _major(q.device)
-    ek = _key_decay(bg, bn)
     qb = _matched_blocks(d, dt_tl)
-    cq_dq = _query_decay(bg, rden, bm) if qb else rden   # rden: not read
+    kinds = ("dv", "dk") if ATTN_SPLIT_DKV[d] else ("dkv",)
+    dkv_blocks = {_attn_blocks(kind, d, dt_tl)[:2] for kind in kinds}   # (keys, queries)
+    # dk/dv read the query rows of its key blocks' query blocks; dq writes every row of its
+    # own blocks, which must cover them (the arrays are not zero-filled past dq's rows).
+    if len(dkv_blocks) != 1 or any(bm % keys or keys % queries for keys, queries in dkv_blocks):
+        raise ValueError(f"dq blocks of {bm} rows must hold whole dk/dv blocks {dkv_blocks}")
+    (_, dkv_queries), = dkv_blocks
+    # the query factor's reference row: dq's block's first (matched summands) or dk/dv's
+    delta = torch.empty(B * Hq, Tp, device=q.device, dtype=torch.float32)
+    rden, cq = torch.empty_like(delta), torch.empty_like(delta)
     launch.fitted(attention._attn_dq, (triton.cdiv(T, bm), B * Hq),
-        q, k, v, bg, ek, cq_dq, dy, rden, delta, dq, qdq, scale, T, H, Hq, Tp,
+        q, k, v, bg, ek, dy, y, den, delta, rden, cq, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
-        MATCHED=qb > 0, num_warps=warps, num_stages=stages,
+        MATCHED=qb > 0, QB=qb or dkv_queries, num_warps=warps, num_stages=stages,
         **_register_cap(attention._attn_dq, d, dt_tl, major))
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
         bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
-        # per query block of this launch's bm rows, or of dq's with the matched summands
-        cq = cq_dq if qb else _query_decay(bg, rden, bm)
         launch.fitted(attention._attn_dkv, (triton.cdiv(T, bn), B * H),
             q, k, v, bg, ek, dy, rden, cq, delta, dk, dv, kdk, scale, T, H, Hq, Tp,
             D_HEAD=d, BN=bn, BM=bm, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dkv"][d], PART=part,
             QB=qb, num_warps=warps, num_stages=stages,   # caps timed on the joint launch only
             **(_register_cap(attention._attn_dkv, d, dt_tl, major) if part == 0 else {}))
+    return delta, rden, cq
 
 
 def _matched_blocks(d: int, dt_tl) -> int:
@@ -486,24 +500,6 @@ def _matched_blocks(d: int, dt_tl) -> int:
     dkv = [_attn_blocks(kind, d, dt_tl)[:2] for kind in kinds]   # (keys, queries) per launch
     fits = bm == bn and all(keys == bm and bm % queries == 0 for keys, queries in dkv)
     return bm if fits else 0
-
-
-def _key_decay(bg: torch.Tensor, block: int) -> torch.Tensor:
-    """e^{b_R - b_j} for every key j, R the last position of j's block of `block` keys
-    (<= 1: b does not increase), [B*H, Tp] like the gates bg: the key side of the one-chunk
-    forward's and dq kernel's gate off the diagonal."""
-    by_block = bg.view(bg.shape[0], -1, block)
-    return torch.exp(by_block[..., -1:] - by_block).view(bg.shape)
-
-
-def _query_decay(bg: torch.Tensor, rden: torch.Tensor, block: int) -> torch.Tensor:
-    """e^{b_i - b_Q} / den_i for every query i, Q the first position of i's block of `block`
-    queries (<= 1 times 1/den), [B*Hq, Tp] like rden (b from the KV head's gates bg [B*H, Tp]):
-    the query side of the one-chunk dk/dv kernel's gate off the diagonal."""
-    bh, tp = bg.shape
-    by_block = bg.view(bh, 1, tp // block, block)
-    decay = torch.exp(by_block - by_block[..., :1])
-    return (rden.view(bh, -1, tp // block, block) * decay).view(rden.shape)
 
 
 def _log_gate_grad(qdq_BQT: torch.Tensor, kdk_BHT: torch.Tensor,
@@ -602,15 +598,6 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     if has_state and Sst.numel() == 0:   # not kept (RETENTION_TRITON_RECOMPUTE=1)
         Sst, Zst, _, _ = _forward_states(k, v, bg, S0, z0, chunk, n, T, Hq, scale, dt_tl,
                                          dt_torch, prec, False)
-    bt = max(16, 4096 // d)   # rows per row-wise program: a [bt, d] float32 tile of 4096
-    # One chunk: 1/den too (the attention-form kernels multiply by it), both padded with
-    # zeros to the gates' length (those kernels read whole query blocks without masks).
-    tr = T if has_state else _attn_len(T)
-    delta = torch.empty(B, Hq, tr, device=q.device, dtype=torch.float32)
-    rden = torch.empty_like(delta) if not has_state else delta
-    rowwise._row_delta[(triton.cdiv(tr, bt), B * Hq)](
-        dy, y.contiguous(), delta, den, rden, T, tr, Hq, D_HEAD=d, BT=bt,
-        WANT_RDEN=not has_state)
     # Gates: by degree-2 homogeneity the output depends on G only through q e^{G/2} and
     # k e^{-G/2} (and the final state's e^{G_T}), so dG_i = (q_i.dq_i - k_i.dk_i) / 2; the
     # kernels write the row sums with the gradients (in the input dtype).
@@ -618,9 +605,13 @@ def _bwd_op(dy: torch.Tensor, dS: Optional[torch.Tensor], dz: Optional[torch.Ten
     qdq = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     kdk = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     if not has_state:   # (no initial state, no state gradient)
-        _attention_bwd(q, k, v, log_g, dy, rden, delta, dq, dk, dv, qdq, kdk, scale, dt_tl,
-                       prec)
+        _attention_bwd(q, k, v, log_g, dy, y.contiguous(), den, dq, dk, dv, qdq, kdk, scale,
+                       dt_tl, prec)
     else:
+        bt = max(16, 4096 // d)   # rows per row-wise program: a [bt, d] float32 tile of 4096
+        delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+        rowwise._row_delta[(triton.cdiv(T, bt), B * Hq)](dy, y.contiguous(), delta, T, Hq,
+                                                         D_HEAD=d, BT=bt)
         if has_dS:
             dS = torch.zeros_like(S) if dS is None else dS
             dz = torch.zeros_like(z) if dz is None else dz

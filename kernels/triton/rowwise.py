@@ -2,15 +2,14 @@
 or five (float casts, products, sums, permutes), which cost ~2 ms per fwd+bwd at 65,536
 tokens x 16 heads before they were folded here.
 
-  _row_delta     delta[b, hq, t] = dy . y (the normalizer's backward input), and with RDEN
-                 1/den (1 where den is 0): the one-chunk backward multiplies by it where
-                 it divided per query block (a division is a dozen instructions). Rows of
-                 TR >= T entries, those past T zero (the one-chunk kernels read whole
-                 blocks without masks: a zero 1/den zeroes a padded query's terms).
+  _row_delta     delta[b, hq, t] = dy . y (the normalizer's backward input) for the chunked
+                 backward (the one-chunk dq kernel forms its rows' own).
   _gate_cumsum   the log-gates [B, T, H] summed from each chunk's start, as [B*H, Tp] rows
                  (zeros past T add no decay): one pass where torch took a permute, a pad and
                  a cumsum (its three cumsums per fwd+bwd took 0.111 ms at 65,536 tokens x
-                 16 heads on an H200).
+                 16 heads on an H200). With KB, also the one-chunk kernels' key-side gate
+                 factors e^{b_R - b_j} (R the last key of j's block), where torch took two
+                 more launches per pass.
   _gate_grad     d log_g [B, T, H] from the kernels' row sums: the reversed cumulative sum of
                  dG_t = (sum over the group of q_t.dq_t - k_t.dk_t) / 2 (+ the final state's
                  term at the last step), where torch took a sum, a sub, two flips, a cumsum
@@ -21,8 +20,7 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["T", "Hq"])
-def _row_delta(DY, Y, DELTA, DEN, RDEN, T, TR, Hq, D_HEAD: tl.constexpr, BT: tl.constexpr,
-               WANT_RDEN: tl.constexpr):
+def _row_delta(DY, Y, DELTA, T, Hq, D_HEAD: tl.constexpr, BT: tl.constexpr):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     bq = tl.program_id(1)                      # b * Hq + hq
     b = bq // Hq
@@ -32,15 +30,11 @@ def _row_delta(DY, Y, DELTA, DEN, RDEN, T, TR, Hq, D_HEAD: tl.constexpr, BT: tl.
     off = ((b.to(tl.int64) * T + t) * Hq + hq)[:, None] * D_HEAD + c[None, :]
     dy = tl.load(DY + off, mask=tm[:, None], other=0.0).to(tl.float32)
     y = tl.load(Y + off, mask=tm[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + bq.to(tl.int64) * TR + t, tl.sum(dy * y, axis=1), mask=t < TR)
-    if WANT_RDEN:
-        den = tl.load(DEN + bq.to(tl.int64) * T + t, mask=tm, other=1.0)
-        rden = tl.where(tm, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-        tl.store(RDEN + bq.to(tl.int64) * TR + t, rden, mask=t < TR)
+    tl.store(DELTA + bq.to(tl.int64) * T + t, tl.sum(dy * y, axis=1), mask=tm)
 
 
 @triton.jit(do_not_specialize=["T", "Tp"])
-def _gate_cumsum(LG, BG, T, H, Tp, C: tl.constexpr, BT: tl.constexpr):
+def _gate_cumsum(LG, BG, EK, T, H, Tp, C: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr = 0):
     c0 = tl.program_id(0) * C
     bh = tl.program_id(1)
     b = bh // H
@@ -52,6 +46,10 @@ def _gate_cumsum(LG, BG, T, H, Tp, C: tl.constexpr, BT: tl.constexpr):
         x = tl.load(LG + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0)
         y = tl.cumsum(x.to(tl.float32), 0) + carry
         tl.store(BG + bh.to(tl.int64) * Tp + t, y)
+        if KB > 0:   # e^{b_R - b_j}, R the last position of j's block of KB keys (KB | BT)
+            yb = tl.reshape(y, [BT // KB, KB])
+            last = tl.sum(tl.where(tl.arange(0, KB)[None, :] == KB - 1, yb, 0.0), 1)
+            tl.store(EK + bh.to(tl.int64) * Tp + t, tl.reshape(tl.exp(last[:, None] - yb), [BT]))
         carry = tl.sum(tl.where(i == BT - 1, y, 0.0), 0)   # the last sum exactly
 
 

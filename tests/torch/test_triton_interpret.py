@@ -28,7 +28,8 @@ def _run_child(check: str, **extra_env) -> None:
 
 @pytest.mark.parametrize("check", ["fwd_bwd", "fwd_bwd_plain", "no_state_out", "chunk_48",
                                    "scan_widths", "pair_widths",
-                                   "one_chunk", "one_chunk_state_out", "float16", "decode",
+                                   "one_chunk", "one_chunk_row_factors",
+                                   "one_chunk_state_out", "float16", "decode",
                                    "api", "checkpointed_compiled_layers", "batch_slices",
                                    "partial_outputs", "gate_sums"])
 def test_triton_kernels_interpreted(check):
@@ -254,6 +255,52 @@ def check_one_chunk():
     _check_fwd_bwd(gates=True, state=False, Hq=4, H=2, chunk=None, state_out=False)
 
 
+def check_one_chunk_row_factors():
+    """What the one-chunk dq launch writes for the dk/dv launch, per query row: delta = dy.y,
+    1/den and the gate factor e^{b_i - b_Q}/den_i (Q the first row of i's block: dq's with
+    the matched summands, else dk/dv's query block), zeros past T, on every row of dq's
+    blocks; and the gates' key factors e^{b_R - b_j} (R the last key of j's block)."""
+    import torch
+    import torch.nn.functional as F
+
+    from retention.kernels.triton import ops
+
+    g = torch.Generator().manual_seed(3)
+    B, T, Hq, H, d = 2, 50, 4, 2, 32
+    q, k, v, dy = (torch.randn(B, T, h, d, generator=g) for h in (Hq, H, H, Hq))
+    log_g = F.logsigmoid(2.0 + torch.randn(B, T, H, generator=g))
+    for matched in (True, False):
+        ops.ATTN_MATCHED = matched
+        # dq's 32 x 32 blocks over dk/dv's 16-query ones (ops._matched_blocks)
+        ops.ATTN_BLOCKS = {"fwd": {32: (32, 16, 4, 1)}, "dq": {32: (32, 32, 4, 1)},
+                           "dkv": {32: (32, 16, 4, 1)}}
+        assert ops._matched_blocks(32, ops._dot_types(q.dtype)[0]) == (32 if matched else 0)
+        y, den = torch.ops.retention.triton_power_retention_fwd(
+            q, k, v, log_g, None, None, d ** -0.5, 64, True, False)[:2]
+        outs = [torch.empty_like(a) for a in (q, k, v)]
+        sums = torch.empty(B, Hq, T), torch.empty(B, H, T)
+        dt_tl, _, prec = ops._dot_types(q.dtype)
+        delta, rden, cq = ops._attention_bwd(q, k, v, log_g, dy, y, den, *outs, *sums,
+                                             d ** -0.5, dt_tl, prec)
+        Tp = ops._attn_len(T)
+        rows = 64                                          # dq's blocks of 32 cover 64 rows
+        bg, ek = ops._chunk_gates(log_g, Tp, 1, key_block=32)   # dq's key blocks
+        block = 32 if matched else 16                      # dq's rows, else dk/dv's queries
+        i = torch.arange(rows)
+        first = (i // block) * block
+        want_delta = torch.zeros(B * Hq, rows)
+        want_delta[:, :T] = (dy * y).sum(-1).permute(0, 2, 1).reshape(B * Hq, T)
+        want_rden = torch.zeros(B * Hq, rows)
+        want_rden[:, :T] = 1 / den.reshape(B * Hq, T)
+        kv = (torch.arange(B * Hq) // Hq) * H + (torch.arange(B * Hq) % Hq) // (Hq // H)
+        want_cq = want_rden * torch.exp(bg[kv][:, i] - bg[kv][:, first])
+        for got, want in ((delta, want_delta), (rden, want_rden), (cq, want_cq)):
+            assert torch.allclose(got[:, :rows], want, rtol=1e-5, atol=1e-6), matched
+        last = (i // 32) * 32 + 31
+        assert torch.allclose(ek[:, :rows], torch.exp(bg[:, last] - bg[:, :rows]), rtol=1e-5)
+        assert (ek <= 1).all()
+
+
 def check_one_chunk_state_out():
     """One chunk with the final state asked for (prefill): the state path runs."""
     _check_fwd_bwd(gates=True, state=False, Hq=4, H=2, chunk=None, state_out=True)
@@ -423,6 +470,12 @@ def check_gate_sums():
         want = padded.permute(0, 2, 1).reshape(B * H, n, chunk).cumsum(-1).reshape(B * H, -1)
         got = ops._chunk_gates(log_g, chunk, n)
         assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-4), chunk
+    # with the key factors e^{b_R - b_j} of 64-key blocks (R the block's last key), over
+    # five 512-wide tiles: the same sums, and each factor from its own block
+    got, ek = ops._chunk_gates(log_g, 2560, 1, key_block=64)
+    assert torch.equal(got, ops._chunk_gates(log_g, 2560, 1))
+    last = got.view(B * H, -1, 64)[..., -1:]
+    assert torch.allclose(ek, torch.exp(last - got.view(B * H, -1, 64)).view_as(ek), rtol=1e-5)
     qdq = torch.randn(B, H * RG, T, generator=g)
     kdk = torch.randn(B, H, T, generator=g)
     last = torch.randn(B, H, generator=g)
