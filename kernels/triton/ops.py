@@ -509,9 +509,14 @@ def _log_gate_grad(qdq_BQT: torch.Tensor, kdk_BHT: torch.Tensor,
     step the final state's term last_BH (rowwise._gate_grad)."""
     B, H, T = kdk_BHT.shape
     dlog_g = torch.empty(B, T, H, device=kdk_BHT.device, dtype=torch.float32)
-    rowwise._gate_grad[(B * H,)](qdq_BQT, kdk_BHT, last_BH if last_BH is not None else kdk_BHT,
-                                 dlog_g, T, H, RG=qdq_BQT.shape[1] // H, BT=1024,
-                                 HAS_LAST=last_BH is not None)
+    # Spans of the sequence per program: ~512 programs in all, at most 32 spans per head
+    # (each program first sums the terms after its span: reads grow with the spans).
+    bt = 1024
+    span = max(bt, triton.next_power_of_2(triton.cdiv(T, 32)),
+               triton.next_power_of_2(triton.cdiv(T * B * H, 512)))
+    rowwise._gate_grad[(B * H, triton.cdiv(T, span))](
+        qdq_BQT, kdk_BHT, last_BH if last_BH is not None else kdk_BHT, dlog_g, T, H,
+        RG=qdq_BQT.shape[1] // H, BT=bt, CT=span, HAS_LAST=last_BH is not None)
     return dlog_g
 
 

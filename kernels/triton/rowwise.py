@@ -13,7 +13,8 @@ tokens x 16 heads before they were folded here.
   _gate_grad     d log_g [B, T, H] from the kernels' row sums: the reversed cumulative sum of
                  dG_t = (sum over the group of q_t.dq_t - k_t.dk_t) / 2 (+ the final state's
                  term at the last step), where torch took a sum, a sub, two flips, a cumsum
-                 and a transpose.
+                 and a transpose; in spans of the sequence, each starting from the sum of
+                 the terms after it (one program per head had scanned 64k tokens in 0.13 ms).
 """
 import triton
 import triton.language as tl
@@ -53,24 +54,39 @@ def _gate_cumsum(LG, BG, EK, T, H, Tp, C: tl.constexpr, BT: tl.constexpr, KB: tl
         carry = tl.sum(tl.where(i == BT - 1, y, 0.0), 0)   # the last sum exactly
 
 
+@triton.jit
+def _gate_terms(QDQ, KDK, LAST, b, h, H, T, t, tm, RG: tl.constexpr, HAS_LAST: tl.constexpr):
+    """dG_t = (sum over the group of q_t.dq_t - k_t.dk_t) / 2 (+ the final state's term at the
+    last step) at positions t, 0 where tm is false."""
+    bh = b * H + h
+    qdq = tl.zeros(t.shape, dtype=tl.float32)
+    for r in tl.static_range(RG):
+        qdq += tl.load(QDQ + (bh * RG + r).to(tl.int64) * T + t, mask=tm, other=0.0)
+    g = 0.5 * (qdq - tl.load(KDK + bh.to(tl.int64) * T + t, mask=tm, other=0.0))
+    if HAS_LAST:
+        g += tl.where(t == T - 1, tl.load(LAST + bh), 0.0)
+    return tl.where(tm, g, 0.0)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _gate_grad(QDQ, KDK, LAST, DLG, T, H, RG: tl.constexpr, BT: tl.constexpr,
-               HAS_LAST: tl.constexpr):
+               CT: tl.constexpr, HAS_LAST: tl.constexpr):
+    """One program per (KV head, CT positions): the sum of dG over the positions after its
+    span (a plain reduction, so long sequences of few heads still fill the GPU), then the
+    reversed cumulative sum over its span in blocks of BT."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     i = tl.arange(0, BT)
-    carry = tl.zeros([], dtype=tl.float32)
-    nb = tl.cdiv(T, BT)
-    for blk in range(nb):
-        t = (nb - 1 - blk) * BT + i
-        tm = t < T
-        qdq = tl.zeros([BT], dtype=tl.float32)
-        for r in tl.static_range(RG):
-            qdq += tl.load(QDQ + ((b * H + h) * RG + r).to(tl.int64) * T + t, mask=tm, other=0.0)
-        g = 0.5 * (qdq - tl.load(KDK + bh.to(tl.int64) * T + t, mask=tm, other=0.0))
-        if HAS_LAST:
-            g += tl.where(t == T - 1, tl.load(LAST + bh), 0.0)
+    end = tl.minimum(tl.program_id(1) * CT + CT, T)
+    later = tl.zeros([BT], dtype=tl.float32)
+    for t0 in range(end, T, BT):
+        later += _gate_terms(QDQ, KDK, LAST, b, h, H, T, t0 + i, t0 + i < T, RG, HAS_LAST)
+    carry = tl.sum(later, 0)
+    for blk in range(CT // BT):
+        t = end - (blk + 1) * BT + i     # the span's blocks from its end (a first partial one)
+        tm = (t >= tl.program_id(1) * CT) & (t < T)
+        g = _gate_terms(QDQ, KDK, LAST, b, h, H, T, t, tm, RG, HAS_LAST)
         y = tl.cumsum(g, 0, reverse=True) + carry
         tl.store(DLG + (b.to(tl.int64) * T + t) * H + h, y, mask=tm)
         carry = tl.sum(tl.where(i == 0, y, 0.0), 0)

@@ -457,10 +457,11 @@ def check_gate_sums():
     """The gates' per-chunk cumulative sums and the log-gate gradient's reversed one
     (rowwise._gate_cumsum, _gate_grad) over several of their blocks, against torch: chunk
     sums restart at each chunk, carry across blocks within one, pad with zeros past T; the
-    gradient sums the group's q.dq, adds the final state's term at the last step only."""
+    gradient sums the group's q.dq, adds the final state's term at the last step only, and
+    its spans start from the sum of the terms after them."""
     import torch
 
-    from retention.kernels.triton import ops
+    from retention.kernels.triton import ops, rowwise
 
     g = torch.Generator().manual_seed(0)
     B, T, H, RG = 2, 2500, 3, 2
@@ -486,6 +487,11 @@ def check_gate_sums():
         want = dG.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
         got = ops._log_gate_grad(qdq, kdk, lt)
         assert got.shape == (B, T, H) and torch.allclose(got, want, rtol=1e-5, atol=1e-3)
+        # spans of 4 blocks each, the last span and its first block partial
+        got = torch.empty(B, T, H)
+        rowwise._gate_grad[(B * H, 3)](qdq, kdk, kdk if lt is None else lt, got, T, H, RG=RG,
+                                       BT=256, CT=1024, HAS_LAST=lt is not None)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-3)
 
 
 if __name__ == "__main__":
