@@ -94,13 +94,14 @@ def _attn_fwd(Q, K, V, Bg, EK, Y, DEN, scale, T, H, Hq, Tp,
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp"])
 def _attn_dq(Q, K, V, Bg, EK, DY, Y, DEN, DELTA, RDEN, CQ, DQ, QDQ, scale, T, H, Hq, Tp,
              D_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-             DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr,
-             MATCHED: tl.constexpr = False, QB: tl.constexpr = 64):
+             DT: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, QB: tl.constexpr,
+             MATCHED: tl.constexpr = False):
     """dq of BM queries. Off the diagonal the gate splits three ways: e^{b_i - b_m0} / den_i per
     query (m0 the block's first row: it leaves the loop, applied to the sum), one exponential
     e^{b_m0 - b_R} per key block (R its last position) and EK_j = e^{b_R - b_j} per key, read
-    from memory (rowwise._gate_cumsum writes it with the gates); every factor <= 1. An exponential per key column and thread
-    had cost 74 of 423 instructions per 64 x 64 pair, a query factor per pair 2 more per row.
+    from memory (rowwise._gate_cumsum writes it with the gates); every factor <= 1. An
+    exponential per key column and thread had cost 74 of 423 instructions per 64 x 64 pair, a
+    query factor per pair 2 more per row.
     MATCHED multiplies the query factor (CQ below, of this block's rows: QB = BM) into each
     summand before it is rounded, in _attn_dkv's order, so that dq's and dk's rounded summands
     are the same numbers (the log-gate gradient sums their difference): one multiply more per

@@ -84,7 +84,7 @@ def _gate_grad(QDQ, KDK, LAST, DLG, T, H, RG: tl.constexpr, BT: tl.constexpr,
         later += _gate_terms(QDQ, KDK, LAST, b, h, H, T, t0 + i, t0 + i < T, RG, HAS_LAST)
     carry = tl.sum(later, 0)
     for blk in range(CT // BT):
-        t = end - (blk + 1) * BT + i     # the span's blocks from its end (a first partial one)
+        t = end - (blk + 1) * BT + i     # from the span's end; the last block may start early
         tm = (t >= tl.program_id(1) * CT) & (t < T)
         g = _gate_terms(QDQ, KDK, LAST, b, h, H, T, t, tm, RG, HAS_LAST)
         y = tl.cumsum(g, 0, reverse=True) + carry
