@@ -291,7 +291,7 @@ def _read_pair(d, dt_tl, kernel, major=9):
     A100, sm_80, pairs at d=128 spill ten times more: benchmarks/sm90_compile.py --arch 80).
     RETENTION_TRITON_READ_PAIR (ops.READ_PAIR) overrides."""
     return _timed_setting(READ_PAIR, {(64, "out"): 2, (64, "dkv"): 1, (128, "out"): 2,
-                                   (128, "dkv"): 2}, d, dt_tl, kernel, major)
+                                      (128, "dkv"): 2}, d, dt_tl, kernel, major)
 
 
 def _grad_pair(d, dt_tl, kernel, major=9):
@@ -305,8 +305,8 @@ def _grad_pair(d, dt_tl, kernel, major=9):
       133.1).
     0 where untimed (as _read_pair). RETENTION_TRITON_GRAD_PAIR (ops.GRAD_PAIR) overrides
     both."""
-    return _timed_setting(GRAD_PAIR, {(64, "dq"): 2, (128, "dq"): 2, (128, "dkv"): 2}, d, dt_tl,
-                       kernel, major)
+    return _timed_setting(GRAD_PAIR, {(64, "dq"): 2, (128, "dq"): 2, (128, "dkv"): 2},
+                          d, dt_tl, kernel, major)
 
 
 def _timed_setting(forced, timed, d, dt_tl, kernel, major):
@@ -464,19 +464,20 @@ def _attention_bwd(q, k, v, log_g, dy, y, den, dq, dk, dv, qdq, kdk, scale, dt_t
     major = _major(q.device)
     qb = _matched_blocks(d, dt_tl)
     kinds = ("dv", "dk") if ATTN_SPLIT_DKV[d] else ("dkv",)
-    dkv_blocks = {_attn_blocks(kind, d, dt_tl)[:2] for kind in kinds}   # (keys, queries)
-    # dk/dv read the query rows of its key blocks' query blocks; dq writes every row of its
-    # own blocks, which must cover them (the arrays are not zero-filled past dq's rows).
-    if len(dkv_blocks) != 1 or any(bm % keys or keys % queries for keys, queries in dkv_blocks):
-        raise ValueError(f"dq blocks of {bm} rows must hold whole dk/dv blocks {dkv_blocks}")
-    (_, dkv_queries), = dkv_blocks
-    # the query factor's reference row: dq's block's first (matched summands) or dk/dv's
+    keys, queries = _attn_blocks(kinds[0], d, dt_tl)[:2]
+    # dk/dv read the rows of its key blocks' query blocks; dq writes every row of its own
+    # blocks, which must cover them (the arrays are not zero-filled past dq's rows).
+    if bm % keys or keys % queries or any(
+            _attn_blocks(kind, d, dt_tl)[:2] != (keys, queries) for kind in kinds):
+        raise ValueError(f"dq blocks of {bm} rows must hold whole dk/dv blocks "
+                         f"of {keys} keys x {queries} queries")
     delta = torch.empty(B * Hq, Tp, device=q.device, dtype=torch.float32)
     rden, cq = torch.empty_like(delta), torch.empty_like(delta)
     launch.fitted(attention._attn_dq, (triton.cdiv(T, bm), B * Hq),
         q, k, v, bg, ek, dy, y, den, delta, rden, cq, dq, qdq, scale, T, H, Hq, Tp,
         D_HEAD=d, BM=bm, BN=bn, DT=dt_tl, PREC=prec, TRANS=ATTN_TRANS["dq"][d],
-        MATCHED=qb > 0, QB=qb or dkv_queries, num_warps=warps, num_stages=stages,
+        # the query factor's reference row: that of dq's block (matched summands) or dk/dv's
+        MATCHED=qb > 0, QB=qb or queries, num_warps=warps, num_stages=stages,
         **_register_cap(attention._attn_dq, d, dt_tl, major))
     for part in (1, 2) if ATTN_SPLIT_DKV[d] else (0,):
         bn, bm, warps, stages = _attn_blocks(("dkv", "dv", "dk")[part], d, dt_tl)
