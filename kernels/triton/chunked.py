@@ -106,7 +106,7 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
                 AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
                 STORE_FIN: tl.constexpr, PAIR: tl.constexpr = False,
-                TRANS: tl.constexpr = False):
+                TRANS: tl.constexpr = False, VEC: tl.constexpr = False):
     """Forward (X = k, Yv = v): Sst[n] = state entering chunk n, FIN = final state.
     REVERSE (X = q, Yv = dy, over the group's query heads): Sst[n] = gradient of the state
     leaving chunk n, FIN = gradient of the initial state. Program axis 0: groups of AG rows a
@@ -121,42 +121,43 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
     quarter of a block of 64 (in the [features, values] form M is d for every block). Without
     BSIDE, y^T diag(x_a fac) is formed in registers per row a and x's columns feed the tensor
     cores from shared memory as loaded, with no tile rebuilt.
+    VEC: the columns x_a of a token's AG rows in one vector load (_scan_cols).
     Grid (B*H*NV, NAG + 1): blocks launch x-fastest, so the cheap Gram programs come last and
     fill the tail of the last wave."""
     if tl.program_id(1) == D_HEAD // AG:
         _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_Z, Zst, FIN_Z, scale, T, H, Hq, Tp, N,
                    D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
-                   True, False)
+                   True, False, VEC=VEC)
     elif not TRANS:
         _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
                    D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
-                   False, PAIR)
+                   False, PAIR, VEC=VEC)
     else:
         # One static path per power-of-two width WN >= W_I (W_I >= 16): d, d/2, d/4, d/8.
         W = D_HEAD - 16 * ((tl.program_id(1) * AG) // 16)
         if W > D_HEAD // 2:
             _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
                        D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE,
-                       STORE_FIN, False, PAIR, True, D_HEAD)
+                       STORE_FIN, False, PAIR, True, D_HEAD, VEC=VEC)
         else:
             if D_HEAD // 2 >= 16:
                 if W > D_HEAD // 4:
                     _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq,
                                Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE,
-                               BSIDE, STORE_FIN, False, PAIR, True, D_HEAD // 2)
+                               BSIDE, STORE_FIN, False, PAIR, True, D_HEAD // 2, VEC=VEC)
                 else:
                     if D_HEAD // 4 >= 16:
                         if W > D_HEAD // 8:
                             _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T,
                                        H, Hq, Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT, PREC,
                                        HAS_INIT, REVERSE, BSIDE, STORE_FIN, False, PAIR, True,
-                                       D_HEAD // 4)
+                                       D_HEAD // 4, VEC=VEC)
                         else:
                             if D_HEAD // 8 >= 16:
                                 _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale,
                                            T, H, Hq, Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT,
                                            PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN, False,
-                                           PAIR, True, D_HEAD // 8)
+                                           PAIR, True, D_HEAD // 8, VEC=VEC)
 
 
 @triton.jit
@@ -165,7 +166,7 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
                AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
                STORE_FIN: tl.constexpr, IS_Z: tl.constexpr, PAIR: tl.constexpr,
-               TRANS: tl.constexpr = False, WN: tl.constexpr = 0):
+               TRANS: tl.constexpr = False, WN: tl.constexpr = 0, VEC: tl.constexpr = False):
     """One scan program (see _state_scan). Accumulators are [features, values] (rows b of
     x^T, d of them, those past W_I masked), or with TRANS [values, features] (WN columns
     b = 16 I + c, those with c >= W_I masked); PAIR puts two rows a side by side in one."""
@@ -238,7 +239,7 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
     xbase, ybase, rowbase, t, tm, blast = _scan_step_src(
         0, X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs, per_chunk, D_HEAD, C, BK, SPC,
         REVERSE, IS_Z)
-    xa0n, xa1n, xa2n, xa3n = _scan_cols(xbase, t, tm, xrs, a0, AG, IS_Z)
+    xa0n, xa1n, xa2n, xa3n = _scan_cols(xbase, t, tm, xrs, a0, AG, IS_Z, VEC)
     for j in range(steps):
         xa0, xa1, xa2, xa3 = xa0n, xa1n, xa2n, xa3n
         blast_j = blast
@@ -263,7 +264,7 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
         xbase, ybase, rowbase, t, tm, blast = _scan_step_src(
             tl.minimum(j + 1, steps - 1), X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs,
             per_chunk, D_HEAD, C, BK, SPC, REVERSE, IS_Z)
-        xa0n, xa1n, xa2n, xa3n = _scan_cols(xbase, t, tm, xrs, a0, AG, IS_Z)
+        xa0n, xa1n, xa2n, xa3n = _scan_cols(xbase, t, tm, xrs, a0, AG, IS_Z, VEC)
         bt = tl.load(Bg + bh64 * Tp + tj)
         if REVERSE:
             den = tl.load(DEN + rb + tj, mask=tmj, other=1.0)
@@ -329,14 +330,29 @@ def _scan_step_src(j, X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs, per_chunk,
 
 
 @triton.jit
-def _scan_cols(xbase, t, tm, xrs, a0, AG: tl.constexpr, IS_Z: tl.constexpr):
-    """Columns x_a0 .. x_a0+AG-1 of tokens t, float32 (unused ones are zeros)."""
+def _scan_cols(xbase, t, tm, xrs, a0, AG: tl.constexpr, IS_Z: tl.constexpr,
+               VEC: tl.constexpr = False):
+    """Columns x_a0 .. x_a0+AG-1 of tokens t, float32 (unused ones are zeros). VEC (AG of 2
+    or 4) reads a token's AG columns as one vector, split in registers: one 32-byte sector
+    per token instead of AG (each column alone uses 2 of a sector's bytes)."""
     z = tl.zeros(t.shape, tl.float32)
     c0 = z
     c1 = z
     c2 = z
     c3 = z
-    if not IS_Z:
+    if IS_Z:
+        pass
+    elif VEC and AG == 4:
+        cols = tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0 + tl.arange(0, 4)[None, :],
+                       mask=tm[:, None], other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(cols, [t.shape[0], 2, 2]))   # columns (0, 2), (1, 3)
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+    elif VEC and AG == 2:
+        c0, c1 = tl.split(tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
+                                  + tl.arange(0, 2)[None, :],
+                                  mask=tm[:, None], other=0.0).to(tl.float32))
+    else:
         p = xbase + t.to(tl.int64) * xrs + a0
         c0 = tl.load(p, mask=tm, other=0.0).to(tl.float32)
         if AG > 1:

@@ -223,6 +223,11 @@ SCAN_PAIR = _env_flag("RETENTION_TRITON_SCAN_PAIR", True)
 # (chunked._state_scan TRANS), so a row a of W_I < d features rebuilds and multiplies W_I
 # columns, not d. Exact float32 dots (PREC "ieee") stay untransposed: they spill more so.
 SCAN_TRANS = _env_flag("RETENTION_TRITON_SCAN_TRANS", True)
+# The scan reads a token's columns x_a of its AG rows as one vector (one sector per token)
+# instead of one 2-byte load per column: fwd+bwd 12.52 / 12.81 -> 12.33 / 12.58 ms at 16k /
+# 64k (H200, 2026-12-01; ncu had 2 of each sector's 32 bytes used by those loads).
+# RETENTION_TRITON_SCAN_VEC_COLS=0|1.
+SCAN_VEC_COLS = _env_flag("RETENTION_TRITON_SCAN_VEC_COLS", True)
 
 # Rows a in pairs in the row-block kernels' feature loops (chunked._read_block_paired, and
 # _grad_block with _grad_part), per block of rows: 0 never, 1 where the block's W is a power of two,
@@ -376,7 +381,8 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
         T, H, Hq, n * chunk, n,
         D_HEAD=d, DINT=Di, C=chunk, BK=bk, AG=ag, BV=bv, DT=dt_tl, PREC=prec,
         HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, STORE_FIN=store_fin,
-        PAIR=pair and ag % 2 == 0, TRANS=trans, num_warps=_scan_warps(d) if trans else 8,
+        PAIR=pair and ag % 2 == 0, TRANS=trans, VEC=SCAN_VEC_COLS,
+        num_warps=_scan_warps(d) if trans else 8,
         num_stages=stages)
     return (Sst, Zst, SF, ZF) if store_fin else (Sst, Zst, None, None)
 

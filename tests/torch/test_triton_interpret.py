@@ -46,6 +46,7 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_SCAN_ROWS": "4", "RETENTION_TRITON_SCAN_PAIR": "0"},
     {"RETENTION_TRITON_SCAN_TRANS": "0"},                     # [features, values] accumulators
     {"RETENTION_TRITON_SCAN_TRANS": "0", "RETENTION_TRITON_SCAN_OPERAND": "a"},
+    {"RETENTION_TRITON_SCAN_VEC_COLS": "0"},                  # x_a columns one load each
     {"RETENTION_TRITON_DKV": "split"},                       # dv and dk in two launches
     {"RETENTION_TRITON_DKV": "joint"},                       # dv and dk in one pass
     {"RETENTION_TRITON_CHUNK_RANK1": "1"},                   # rank-one intra-chunk gate
@@ -54,7 +55,7 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_GRAD_PAIR": "1"},                     # feature gradients, likewise
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
         "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed",
-        "scan-untransposed-operand-a", "split-dkv", "joint-dkv", "rank-one-gate",
+        "scan-untransposed-operand-a", "scan-column-loads", "split-dkv", "joint-dkv", "rank-one-gate",
         "rank-one-gate-split-dkv", "read-paired", "grad-paired"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
