@@ -333,33 +333,32 @@ def _scan_step_src(j, X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs, per_chunk,
 def _scan_cols(xbase, t, tm, xrs, a0, AG: tl.constexpr, IS_Z: tl.constexpr,
                VEC: tl.constexpr = False):
     """Columns x_a0 .. x_a0+AG-1 of tokens t, float32 (unused ones are zeros). VEC (AG of 2
-    or 4) reads a token's AG columns as one vector, split in registers: one 32-byte sector
-    per token instead of AG (each column alone uses 2 of a sector's bytes)."""
+    or 4) reads a token's AG columns as one vector, split in registers: one load per token
+    instead of AG, each of which used 2 of its sector's 32 bytes."""
     z = tl.zeros(t.shape, tl.float32)
     c0 = z
     c1 = z
     c2 = z
     c3 = z
-    if IS_Z:
-        pass
-    elif VEC and AG == 4:
-        cols = tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0 + tl.arange(0, 4)[None, :],
-                       mask=tm[:, None], other=0.0).to(tl.float32)
-        even, odd = tl.split(tl.reshape(cols, [t.shape[0], 2, 2]))   # columns (0, 2), (1, 3)
-        c0, c2 = tl.split(even)
-        c1, c3 = tl.split(odd)
-    elif VEC and AG == 2:
-        c0, c1 = tl.split(tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
-                                  + tl.arange(0, 2)[None, :],
-                                  mask=tm[:, None], other=0.0).to(tl.float32))
-    else:
-        p = xbase + t.to(tl.int64) * xrs + a0
-        c0 = tl.load(p, mask=tm, other=0.0).to(tl.float32)
-        if AG > 1:
-            c1 = tl.load(p + 1, mask=tm, other=0.0).to(tl.float32)
-        if AG > 2:
-            c2 = tl.load(p + 2, mask=tm, other=0.0).to(tl.float32)
-            c3 = tl.load(p + 3, mask=tm, other=0.0).to(tl.float32)
+    if not IS_Z:
+        if VEC and AG == 4:
+            cols = tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
+                           + tl.arange(0, 4)[None, :], mask=tm[:, None], other=0.0)
+            even, odd = tl.split(tl.reshape(cols.to(tl.float32), [t.shape[0], 2, 2]))
+            c0, c2 = tl.split(even)   # even: columns 0 and 2, odd: 1 and 3
+            c1, c3 = tl.split(odd)
+        elif VEC and AG == 2:
+            c0, c1 = tl.split(tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
+                                      + tl.arange(0, 2)[None, :],
+                                      mask=tm[:, None], other=0.0).to(tl.float32))
+        else:
+            p = xbase + t.to(tl.int64) * xrs + a0
+            c0 = tl.load(p, mask=tm, other=0.0).to(tl.float32)
+            if AG > 1:
+                c1 = tl.load(p + 1, mask=tm, other=0.0).to(tl.float32)
+            if AG > 2:
+                c2 = tl.load(p + 2, mask=tm, other=0.0).to(tl.float32)
+                c3 = tl.load(p + 3, mask=tm, other=0.0).to(tl.float32)
     return c0, c1, c2, c3
 
 

@@ -223,8 +223,8 @@ SCAN_PAIR = _env_flag("RETENTION_TRITON_SCAN_PAIR", True)
 # (chunked._state_scan TRANS), so a row a of W_I < d features rebuilds and multiplies W_I
 # columns, not d. Exact float32 dots (PREC "ieee") stay untransposed: they spill more so.
 SCAN_TRANS = _env_flag("RETENTION_TRITON_SCAN_TRANS", True)
-# The scan reads a token's columns x_a of its AG rows as one vector (one sector per token)
-# instead of one 2-byte load per column: fwd+bwd 12.52 / 12.81 -> 12.33 / 12.58 ms at 16k /
+# The scan reads a token's columns x_a of its AG rows as one vector load instead of one
+# 2-byte load per column: fwd+bwd 12.52 / 12.81 -> 12.33 / 12.58 ms at 16k /
 # 64k (H200, 2026-12-01; ncu had 2 of each sector's 32 bytes used by those loads).
 # RETENTION_TRITON_SCAN_VEC_COLS=0|1.
 SCAN_VEC_COLS = _env_flag("RETENTION_TRITON_SCAN_VEC_COLS", True)
