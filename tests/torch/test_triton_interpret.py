@@ -476,8 +476,11 @@ def check_gate_sums():
     # five 512-wide tiles: the same sums, and each factor from its own block
     got, ek = ops._chunk_gates(log_g, 2560, 1, key_block=64)
     assert torch.equal(got, ops._chunk_gates(log_g, 2560, 1))
-    last = got.view(B * H, -1, 64)[..., -1:]
-    assert torch.allclose(ek, torch.exp(last - got.view(B * H, -1, 64)).view_as(ek), rtol=1e-5)
+    arg = got.view(B * H, -1, 64)[..., -1:] - got.view(B * H, -1, 64)   # b_R - b_j
+    # b reaches ~1,250 here, so the exponent is good to a float32 ulp of b (1.2e-4), not to
+    # rtol 1e-5: one interpreter run in several gave factors 1.5e-4 off exp(b_R - b_j)
+    tol = 4 * torch.finfo(torch.float32).eps * float(got.abs().max())
+    assert (torch.log(ek.view_as(arg)) - arg).abs().max() <= tol
     qdq = torch.randn(B, H * RG, T, generator=g)
     kdk = torch.randn(B, H, T, generator=g)
     last = torch.randn(B, H, generator=g)
