@@ -55,8 +55,8 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_GRAD_PAIR": "1"},                     # feature gradients, likewise
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
         "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed",
-        "scan-untransposed-operand-a", "scan-column-loads", "split-dkv", "joint-dkv", "rank-one-gate",
-        "rank-one-gate-split-dkv", "read-paired", "grad-paired"])
+        "scan-untransposed-operand-a", "scan-column-loads", "split-dkv", "joint-dkv",
+        "rank-one-gate", "rank-one-gate-split-dkv", "read-paired", "grad-paired"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
