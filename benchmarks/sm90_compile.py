@@ -183,7 +183,7 @@ def _root_cause(e):
 def _describe(bound):
     import triton.language as tl
 
-    keep = ("D_HEAD", "DT", "PREC", "PART", "REVERSE", "HAS_INIT", "PAIR", "TRANS", "AG",
+    keep = ("D_HEAD", "DT", "PREC", "PART", "REVERSE", "HAS_INIT", "PAIR", "TRANS", "AG", "AGN",
             "READ_PAIR", "GRAD_PAIR", "BM", "BN", "BK", "C", "maxnreg")
     parts = []
     for k in keep:

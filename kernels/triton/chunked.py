@@ -99,6 +99,12 @@ def _paired_dot(xT, yb, s0, s1, acc, DT: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(xT.to(DT), y2, acc, input_precision=PREC)
 
 
+@triton.constexpr_function
+def _wide_rows(d):
+    """Rows a < d/2 have blocks wider than d/2 (W_I = d - 16 I); at d=16 every row's is d."""
+    return d // 2 if d >= 32 else d
+
+
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
 def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, scale,
                 T, H, Hq, Tp, N,
@@ -106,7 +112,8 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
                 AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                 HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
                 STORE_FIN: tl.constexpr, PAIR: tl.constexpr = False,
-                TRANS: tl.constexpr = False, VEC: tl.constexpr = False):
+                TRANS: tl.constexpr = False, VEC: tl.constexpr = False,
+                AGN: tl.constexpr = 0, PRE: tl.constexpr = False):
     """Forward (X = k, Yv = v): Sst[n] = state entering chunk n, FIN = final state.
     REVERSE (X = q, Yv = dy, over the group's query heads): Sst[n] = gradient of the state
     leaving chunk n, FIN = gradient of the initial state. Program axis 0: groups of AG rows a
@@ -122,57 +129,70 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
     BSIDE, y^T diag(x_a fac) is formed in registers per row a and x's columns feed the tensor
     cores from shared memory as loaded, with no tile rebuilt.
     VEC: the columns x_a of a token's AG rows in one vector load (_scan_cols).
-    Grid (B*H*NV, NAG + 1): blocks launch x-fastest, so the cheap Gram programs come last and
-    fill the tail of the last wave."""
-    if tl.program_id(1) == D_HEAD // AG:
-        _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_Z, Zst, FIN_Z, scale, T, H, Hq, Tp, N,
+    PRE: the tokens' log-gates (and den, delta in REVERSE) loaded one step ahead into
+    registers, as x_a are (_scan_tokens), instead of through the pipeliner's shared-memory
+    buffers: 0.5-1 KB less shared memory per program.
+    AGN: rows a per program for the rows a >= d/2 (W_I <= d/2: with TRANS a program of
+    AGN = 2 AG rows rebuilds no more columns per step than one of the wider rows), AG for
+    the others; 0 means AG.
+    Grid (B*H*NV, (d/2)/AG + (d/2)/AGN + 1; d/AG + 1 at d=16): blocks launch x-fastest, so the cheap Gram
+    programs come last and fill the tail of the last wave."""
+    g = tl.program_id(1)
+    AGR: tl.constexpr = AGN if AGN > 0 else AG
+    HALF: tl.constexpr = _wide_rows(D_HEAD)
+    NWIDE: tl.constexpr = HALF // AG      # programs of the rows a < d/2 (W_I > d/2)
+    if g == NWIDE + (D_HEAD - HALF) // AGR:
+        _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_Z, Zst, FIN_Z, scale, T, H, Hq, Tp, N, 0,
                    D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
-                   True, False, VEC=VEC)
+                   True, False, VEC=VEC, PRE=PRE)
     elif not TRANS:
-        _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
+        _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N, g * AG,
                    D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN,
-                   False, PAIR, VEC=VEC)
+                   False, PAIR, VEC=VEC, PRE=PRE)
+    elif g < NWIDE:
+        _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N, g * AG,
+                   D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE,
+                   STORE_FIN, False, PAIR, True, D_HEAD, VEC=VEC, PRE=PRE)
     else:
-        # One static path per power-of-two width WN >= W_I (W_I >= 16): d, d/2, d/4, d/8.
-        W = D_HEAD - 16 * ((tl.program_id(1) * AG) // 16)
-        if W > D_HEAD // 2:
-            _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
-                       D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE, BSIDE,
-                       STORE_FIN, False, PAIR, True, D_HEAD, VEC=VEC)
-        else:
-            if D_HEAD // 2 >= 16:
-                if W > D_HEAD // 4:
-                    _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq,
-                               Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT, PREC, HAS_INIT, REVERSE,
-                               BSIDE, STORE_FIN, False, PAIR, True, D_HEAD // 2, VEC=VEC)
-                else:
-                    if D_HEAD // 4 >= 16:
-                        if W > D_HEAD // 8:
-                            _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T,
-                                       H, Hq, Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT, PREC,
+        # The rows a >= d/2 in groups of AGN: one static path per power-of-two width
+        # WN >= W_I (W_I >= 16): d/2, d/4, d/8.
+        a0 = HALF + (g - NWIDE) * AGR
+        W = D_HEAD - 16 * (a0 // 16)
+        if D_HEAD // 2 >= 16:
+            if W > D_HEAD // 4:
+                _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq, Tp, N,
+                           a0, D_HEAD, DINT, C, BK, AGR, BV, DT, PREC, HAS_INIT, REVERSE,
+                           BSIDE, STORE_FIN, False, PAIR, True, D_HEAD // 2, VEC=VEC, PRE=PRE)
+            else:
+                if D_HEAD // 4 >= 16:
+                    if W > D_HEAD // 8:
+                        _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H, Hq,
+                                   Tp, N, a0, D_HEAD, DINT, C, BK, AGR, BV, DT, PREC, HAS_INIT,
+                                   REVERSE, BSIDE, STORE_FIN, False, PAIR, True, D_HEAD // 4,
+                                   VEC=VEC, PRE=PRE)
+                    else:
+                        if D_HEAD // 8 >= 16:
+                            _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale, T, H,
+                                       Hq, Tp, N, a0, D_HEAD, DINT, C, BK, AGR, BV, DT, PREC,
                                        HAS_INIT, REVERSE, BSIDE, STORE_FIN, False, PAIR, True,
-                                       D_HEAD // 4, VEC=VEC)
-                        else:
-                            if D_HEAD // 8 >= 16:
-                                _scan_rows(X, Yv, Bg, DEN, DELTA, INIT_S, Sst, FIN_S, scale,
-                                           T, H, Hq, Tp, N, D_HEAD, DINT, C, BK, AG, BV, DT,
-                                           PREC, HAS_INIT, REVERSE, BSIDE, STORE_FIN, False,
-                                           PAIR, True, D_HEAD // 8, VEC=VEC)
+                                       D_HEAD // 8, VEC=VEC, PRE=PRE)
 
 
 @triton.jit
-def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
+def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N, a0,
                D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                AG: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BSIDE: tl.constexpr,
                STORE_FIN: tl.constexpr, IS_Z: tl.constexpr, PAIR: tl.constexpr,
-               TRANS: tl.constexpr = False, WN: tl.constexpr = 0, VEC: tl.constexpr = False):
+               TRANS: tl.constexpr = False, WN: tl.constexpr = 0, VEC: tl.constexpr = False,
+               PRE: tl.constexpr = False):
     """One scan program (see _state_scan). Accumulators are [features, values] (rows b of
     x^T, d of them, those past W_I masked), or with TRANS [values, features] (WN columns
     b = 16 I + c, those with c >= W_I masked); PAIR puts two rows a side by side in one."""
     NV: tl.constexpr = D_HEAD // BV
     RP: tl.constexpr = 2 if PAIR else 1          # rows a per accumulator
     NS: tl.constexpr = 1 if IS_Z else AG // RP   # accumulators
+    tl.static_assert(NS <= 4)
     SW: tl.constexpr = RP * (WN if TRANS else BV)   # accumulator width (PAIR: two rows a)
     NF: tl.constexpr = WN if TRANS else D_HEAD      # features held per row a (M or N)
     g = tl.program_id(1)
@@ -194,7 +214,6 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
         LEN: tl.constexpr = D_HEAD
         srow = r
     else:
-        a0 = g * AG
         I = a0 // 16
         W = D_HEAD - 16 * I
         rows_b = 16 * I + r                      # accumulator row r <-> feature column b
@@ -239,9 +258,12 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
     xbase, ybase, rowbase, t, tm, blast = _scan_step_src(
         0, X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs, per_chunk, D_HEAD, C, BK, SPC,
         REVERSE, IS_Z)
-    xa0n, xa1n, xa2n, xa3n = _scan_cols(xbase, t, tm, xrs, a0, AG, IS_Z, VEC)
+    xa0n, xa1n, xa2n, xa3n, xa4n, xa5n, xa6n, xa7n = _scan_cols(xbase, t, tm, xrs, a0, AG,
+                                                                IS_Z, VEC)
+    btn, denn, dln = _scan_tokens(Bg, DEN, DELTA, bh64 * Tp, rowbase, t, tm, REVERSE, IS_Z)
     for j in range(steps):
         xa0, xa1, xa2, xa3 = xa0n, xa1n, xa2n, xa3n
+        xa4, xa5, xa6, xa7 = xa4n, xa5n, xa6n, xa7n
         blast_j = blast
         if j % per_chunk == 0:
             # Store what the chunk sees (forward) or what its keys get (reverse), then decay.
@@ -264,14 +286,19 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
         xbase, ybase, rowbase, t, tm, blast = _scan_step_src(
             tl.minimum(j + 1, steps - 1), X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs,
             per_chunk, D_HEAD, C, BK, SPC, REVERSE, IS_Z)
-        xa0n, xa1n, xa2n, xa3n = _scan_cols(xbase, t, tm, xrs, a0, AG, IS_Z, VEC)
-        bt = tl.load(Bg + bh64 * Tp + tj)
+        xa0n, xa1n, xa2n, xa3n, xa4n, xa5n, xa6n, xa7n = _scan_cols(xbase, t, tm, xrs, a0, AG,
+                                                                    IS_Z, VEC)
+        if PRE:
+            bt, den, dl = btn, denn, dln
+            btn, denn, dln = _scan_tokens(Bg, DEN, DELTA, bh64 * Tp, rowbase, t, tm, REVERSE,
+                                          IS_Z)
+        else:
+            bt, den, dl = _scan_tokens(Bg, DEN, DELTA, bh64 * Tp, rb, tj, tmj, REVERSE, IS_Z)
         if REVERSE:
-            den = tl.load(DEN + rb + tj, mask=tmj, other=1.0)
             den = tl.where(den > 0, den, 1.0)
             fac = scale * scale * tl.exp(bt) / den            # phi(q) / den
             if IS_Z:
-                fac = -fac * tl.load(DELTA + rb + tj, mask=tmj, other=0.0)  # f dden
+                fac = -fac * dl                                 # f dden
         else:
             fac = tl.exp(blast_j - bt)                          # phi(k e^{(bl-b)/2})
         if TRANS:
@@ -292,6 +319,9 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N,
             acc0 = _paired_dot(lhs, rhs, xa0 * fac, xa1 * fac, acc0, DT, PREC)
             if NS > 1:
                 acc1 = _paired_dot(lhs, rhs, xa2 * fac, xa3 * fac, acc1, DT, PREC)
+            if NS > 2:
+                acc2 = _paired_dot(lhs, rhs, xa4 * fac, xa5 * fac, acc2, DT, PREC)
+                acc3 = _paired_dot(lhs, rhs, xa6 * fac, xa7 * fac, acc3, DT, PREC)
         else:
             acc0 = _scaled_dot(lhs, rhs, xa0 * fac, acc0, BSIDE, DT, PREC)
             if AG > 1:
@@ -330,18 +360,47 @@ def _scan_step_src(j, X, Yv, Bg, b, h, bh64, T, H, Hq, Tp, N, xrs, per_chunk,
 
 
 @triton.jit
+def _scan_tokens(Bg, DEN, DELTA, grow, rowbase, t, tm, REVERSE: tl.constexpr, IS_Z: tl.constexpr):
+    """Tokens t's log-gates b_t and, in REVERSE, den_t (1 past T) and (IS_Z) delta_t (0 past
+    T); unused ones are b_t again."""
+    bt = tl.load(Bg + grow + t)
+    den = bt
+    dl = bt
+    if REVERSE:
+        den = tl.load(DEN + rowbase + t, mask=tm, other=1.0)
+        if IS_Z:
+            dl = tl.load(DELTA + rowbase + t, mask=tm, other=0.0)
+    return bt, den, dl
+
+
+@triton.jit
 def _scan_cols(xbase, t, tm, xrs, a0, AG: tl.constexpr, IS_Z: tl.constexpr,
                VEC: tl.constexpr = False):
-    """Columns x_a0 .. x_a0+AG-1 of tokens t, float32 (unused ones are zeros). VEC (AG of 2
-    or 4) reads a token's AG columns as one vector, split in registers: one load per token
-    instead of AG, each of which used 2 of its sector's 32 bytes."""
+    """Columns x_a0 .. x_a0+AG-1 (AG up to 8) of tokens t, float32 (unused ones are zeros).
+    VEC (AG of 2, 4 or 8) reads a token's AG columns as one vector, split in registers: one
+    load per token instead of AG, each of which used 2 of its sector's 32 bytes."""
     z = tl.zeros(t.shape, tl.float32)
     c0 = z
     c1 = z
     c2 = z
     c3 = z
+    c4 = z
+    c5 = z
+    c6 = z
+    c7 = z
     if not IS_Z:
-        if VEC and AG == 4:
+        if VEC and AG == 8:
+            cols = tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
+                           + tl.arange(0, 8)[None, :], mask=tm[:, None], other=0.0)
+            # [t, i, j, k] is column 4i + 2j + k: split k, then j, then i.
+            even, odd = tl.split(tl.reshape(cols.to(tl.float32), [t.shape[0], 2, 2, 2]))
+            e0, e1 = tl.split(even)
+            o0, o1 = tl.split(odd)
+            c0, c4 = tl.split(e0)
+            c2, c6 = tl.split(e1)
+            c1, c5 = tl.split(o0)
+            c3, c7 = tl.split(o1)
+        elif VEC and AG == 4:
             cols = tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
                            + tl.arange(0, 4)[None, :], mask=tm[:, None], other=0.0)
             even, odd = tl.split(tl.reshape(cols.to(tl.float32), [t.shape[0], 2, 2]))
@@ -359,7 +418,12 @@ def _scan_cols(xbase, t, tm, xrs, a0, AG: tl.constexpr, IS_Z: tl.constexpr,
             if AG > 2:
                 c2 = tl.load(p + 2, mask=tm, other=0.0).to(tl.float32)
                 c3 = tl.load(p + 3, mask=tm, other=0.0).to(tl.float32)
-    return c0, c1, c2, c3
+            if AG > 4:
+                c4 = tl.load(p + 4, mask=tm, other=0.0).to(tl.float32)
+                c5 = tl.load(p + 5, mask=tm, other=0.0).to(tl.float32)
+                c6 = tl.load(p + 6, mask=tm, other=0.0).to(tl.float32)
+                c7 = tl.load(p + 7, mask=tm, other=0.0).to(tl.float32)
+    return c0, c1, c2, c3, c4, c5, c6, c7
 
 
 # --- row-block helpers ----------------------------------------------------------------------

@@ -228,6 +228,10 @@ SCAN_TRANS = _env_flag("RETENTION_TRITON_SCAN_TRANS", True)
 # 64k (H200, 2026-12-01; ncu had 2 of each sector's 32 bytes used by those loads).
 # RETENTION_TRITON_SCAN_VEC_COLS=0|1.
 SCAN_VEC_COLS = _env_flag("RETENTION_TRITON_SCAN_VEC_COLS", True)
+# The scan's per-token log-gates (and den, delta in the reverse scan) loaded one step ahead
+# into registers rather than through shared memory (chunked._state_scan PRE).
+# RETENTION_TRITON_SCAN_PREFETCH=0|1.
+SCAN_PREFETCH = _env_flag("RETENTION_TRITON_SCAN_PREFETCH", True)
 
 # Rows a in pairs in the row-block kernels' feature loops (chunked._read_block_paired, and
 # _grad_block with _grad_part), per block of rows: 0 never, 1 where the block's W is a power of two,
@@ -283,6 +287,43 @@ def _row_group(d, reverse=False, paired=True, trans=True):
     rows = _env_choice("RETENTION_TRITON_SCAN_ROWS", (1, 2, 4))
     wide = (d >= 128 and (paired or not reverse)) or (d == 64 and trans and paired)
     return rows or (4 if wide else 2)
+
+
+def _row_group_narrow(d, ag, dt_tl, major, paired, trans, reverse, head_tiles, sms):
+    """Rows a per state-scan program for the rows a >= d/2 (chunked._state_scan AGN), whose
+    blocks are at most d/2 wide; ag (as the other rows) unless timed otherwise. 8 at d=64 with
+    bf16 operands on Hopper (transposed, rows in pairs): such a program rebuilds as many
+    columns per step as one of 4 wider rows, and the scan's programs fall from 17 to 13 per
+    head. With the 3-stage scan (_scan_step), fwd+bwd 12.17 -> 11.94-11.99 ms at 16k (H200,
+    2026-12-01). Not in a forward scan whose programs fit in one wave of two per
+    multiprocessor (16 heads at 64k): its longest programs then set its time, and the
+    8-row ones are longer (forward 3.57 -> 3.62 ms at 64k).
+    RETENTION_TRITON_SCAN_ROWS_NARROW overrides (2, 4 or 8; 8 needs rows in pairs and the
+    transposed scan, and at most d/2 rows)."""
+    rows = _env_choice("RETENTION_TRITON_SCAN_ROWS_NARROW", (2, 4, 8))
+    if rows is None:   # head_tiles: batch x KV heads x value tiles, each d/ag + 1 programs
+        one_wave = not reverse and head_tiles * (d // ag + 1) <= 2 * sms
+        rows = 8 if _scan_timed(d, dt_tl, major) and not one_wave else ag
+    if not trans or rows > d - chunked._wide_rows(d) or (rows == 8 and not paired):
+        return ag
+    return rows
+
+
+def _scan_timed(d, dt_tl, major) -> bool:
+    """Whether the scan's settings timed on an H200 apply: d=64, bf16 operands, Hopper."""
+    return bool(_timed_setting(None, {(64, "scan"): 1}, d, dt_tl, "scan", major))
+
+
+@lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    """Multiprocessors of the device (an H100's 132 off CUDA)."""
+    if device.type != "cuda":
+        return 132
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _read_pair(d, dt_tl, kernel, major=9):
@@ -345,12 +386,33 @@ def _scan_warps(d):
     return _env_choice("RETENTION_TRITON_SCAN_WARPS", (4, 8)) or (4 if d <= 64 else 8)
 
 
-def _scan_step(chunk, d):
+def _scan_step(chunk, d, dt_tl, major, reverse=False):
     """Tokens per step of the state scan (a divisor of the chunk) and pipeline stages. 128
     tokens measured 5-7% faster than 64 at d=64 (H200, 2026-11-30); at d=128 a 128-token step
-    needs 165 KB of shared memory (one program per SM), so it stays at 64 there."""
-    top = 128 if d <= 64 else 64
-    return next(b for b in (128, 64, 32, 16) if b <= top and chunk % b == 0), 2
+    needs 165 KB of shared memory (one program per SM), so it stays at 64 there. 3 stages at
+    d=64 with bf16 operands on Hopper: 114,688 bytes of shared memory, so two programs still
+    share a multiprocessor (228 KB, 1 KB reserved per program; PRE keeps the per-token
+    vectors out of it): fwd+bwd 12.32-12.37 / 12.61 -> 12.17 / 12.47-12.50 ms at 16k / 64k
+    (H200, 2026-12-01); 2 elsewhere (untimed; an A100 has 164 KB).
+    RETENTION_TRITON_SCAN_STEP (a smaller top) and RETENTION_TRITON_SCAN_STAGES ("S": both
+    scans, "F:R": the forward's and the reverse's) override."""
+    top = _env_choice("RETENTION_TRITON_SCAN_STEP", (16, 32, 64, 128)) or (128 if d <= 64 else 64)
+    stages = _scan_stages(os.environ.get("RETENTION_TRITON_SCAN_STAGES", ""))
+    if stages is None:
+        stages = (3, 3) if _scan_timed(d, dt_tl, major) else (2, 2)
+    return (next(b for b in (128, 64, 32, 16) if b <= top and chunk % b == 0),
+            stages[1] if reverse else stages[0])
+
+
+def _scan_stages(spec: str) -> Optional[tuple[int, int]]:
+    """RETENTION_TRITON_SCAN_STAGES: "S" or "F:R" (1 to 4 each) -> (forward, reverse)."""
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) > 2 or any(p.strip() not in ("1", "2", "3", "4") for p in parts):
+        raise ValueError(f"RETENTION_TRITON_SCAN_STAGES must be S or F:R with each 1 to 4, "
+                         f"got {spec!r}")
+    return int(parts[0]), int(parts[-1])
 
 
 def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale,
@@ -372,16 +434,21 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
     pair = SCAN_PAIR and SCAN_BSIDE and not (dt_tl == tl.float32 and prec == "tf32")
     trans = SCAN_TRANS and prec != "ieee"
     ag = _row_group(d, reverse, pair, trans)
+    pair = pair and ag % 2 == 0
     bv = _scan_values(d)
+    major = _major(dev)
+    agn = _row_group_narrow(d, ag, dt_tl, major, pair, trans, reverse, B * H * (d // bv),
+                            _sms(dev))
+    half = chunked._wide_rows(d)
     has_init = init_S is not None
-    bk, stages = _scan_step(chunk, d)
-    launch.fitted(chunked._state_scan, (B * H * (d // bv), d // ag + 1),
+    bk, stages = _scan_step(chunk, d, dt_tl, major, reverse)
+    launch.fitted(chunked._state_scan, (B * H * (d // bv), half // ag + (d - half) // agn + 1),
         X, Yv, bg, den if den is not None else bg, delta if delta is not None else bg,
         init_S if has_init else SF, init_Z if has_init else ZF, Sst, Zst, SF, ZF, scale,
         T, H, Hq, n * chunk, n,
         D_HEAD=d, DINT=Di, C=chunk, BK=bk, AG=ag, BV=bv, DT=dt_tl, PREC=prec,
         HAS_INIT=has_init, REVERSE=reverse, BSIDE=SCAN_BSIDE, STORE_FIN=store_fin,
-        PAIR=pair and ag % 2 == 0, TRANS=trans, VEC=SCAN_VEC_COLS,
+        PAIR=pair, TRANS=trans, VEC=SCAN_VEC_COLS, AGN=agn, PRE=SCAN_PREFETCH,
         num_warps=_scan_warps(d) if trans else 8,
         num_stages=stages)
     return (Sst, Zst, SF, ZF) if store_fin else (Sst, Zst, None, None)

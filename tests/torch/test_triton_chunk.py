@@ -110,3 +110,53 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
                               env=dict(os.environ, **{name: bad}),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and f"{name} {says}" in proc.stderr, proc.stderr[-500:]
+
+
+def test_scan_stages_and_row_groups(monkeypatch):
+    """The state scan's pipeline stages and its rows per program for the rows a >= d/2, as
+    timed: 3 stages and 8 such rows at d=64 with bf16 operands on Hopper, except 8 rows in a
+    forward scan whose programs fit in one wave of two per multiprocessor; the others' own
+    settings elsewhere; the environment overrides, and a bad value names its variable."""
+    import triton.language as tl
+
+    from retention.kernels.triton import ops
+
+    for name in ("RETENTION_TRITON_SCAN_STAGES", "RETENTION_TRITON_SCAN_STEP",
+                 "RETENTION_TRITON_SCAN_ROWS_NARROW"):
+        monkeypatch.delenv(name, raising=False)
+    bf16, f32 = tl.bfloat16, tl.float32
+    assert [ops._scan_step(256, 64, bf16, 9), ops._scan_step(256, 64, bf16, 9, True),
+            ops._scan_step(256, 128, bf16, 9), ops._scan_step(256, 64, f32, 9),
+            ops._scan_step(256, 64, bf16, 8), ops._scan_step(48, 64, bf16, 9)] == \
+        [(128, 3), (128, 3), (64, 2), (128, 2), (128, 2), (16, 3)]
+    monkeypatch.setenv("RETENTION_TRITON_SCAN_STAGES", "4:2")
+    monkeypatch.setenv("RETENTION_TRITON_SCAN_STEP", "64")
+    assert [ops._scan_step(256, 64, f32, 9), ops._scan_step(256, 64, f32, 9, True)] == \
+        [(64, 4), (64, 2)]
+    monkeypatch.setenv("RETENTION_TRITON_SCAN_STAGES", "1")
+    assert ops._scan_step(256, 128, bf16, 9, True) == (64, 1)
+    for bad in ("5", "3,2", "3:2:1", "x"):
+        monkeypatch.setenv("RETENTION_TRITON_SCAN_STAGES", bad)
+        with pytest.raises(ValueError, match="RETENTION_TRITON_SCAN_STAGES"):
+            ops._scan_step(256, 64, bf16, 9)
+
+    # (d, ag, dt, major, paired, trans, reverse, value tiles x heads, multiprocessors)
+    narrow = lambda *a: ops._row_group_narrow(*a)
+    many, few = 64, 16   # 16k and 64k in the benchmark: 64 or 16 programs per row group
+    assert [narrow(64, 4, bf16, 9, True, True, False, many, 132),
+            narrow(64, 4, bf16, 9, True, True, True, few, 132),
+            narrow(64, 4, bf16, 9, True, True, False, few, 132),   # one wave: 272 <= 264? no
+            narrow(64, 4, bf16, 9, True, True, False, 12, 132),    # 204 programs: one wave
+            narrow(64, 4, f32, 9, True, True, True, many, 132),
+            narrow(64, 4, bf16, 8, True, True, True, many, 108),
+            narrow(128, 4, bf16, 9, True, True, True, many, 132),
+            narrow(64, 4, bf16, 9, True, False, True, many, 132)] == \
+        [8, 8, 8, 4, 4, 4, 4, 4]
+    monkeypatch.setenv("RETENTION_TRITON_SCAN_ROWS_NARROW", "8")
+    assert [narrow(32, 2, f32, 9, True, True, False, 1, 132),     # forced: d/2 = 16 rows
+            narrow(32, 2, f32, 9, False, True, False, 1, 132),    # 8 needs pairs
+            narrow(16, 2, f32, 9, True, True, False, 1, 132),     # and at most d/2 rows
+            narrow(64, 4, f32, 9, True, False, False, 1, 132)] == [8, 2, 2, 4]
+    monkeypatch.setenv("RETENTION_TRITON_SCAN_ROWS_NARROW", "16")
+    with pytest.raises(ValueError, match="RETENTION_TRITON_SCAN_ROWS_NARROW"):
+        narrow(64, 4, bf16, 9, True, True, False, many, 132)

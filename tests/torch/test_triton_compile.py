@@ -45,7 +45,7 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0 and "FAIL" not in out, out[-3000:] + proc.stderr[-3000:]
     # (kernel, its settings and warps) from each line: name, warps, stages, ..., KEY=VALUE
     launches = [(line.split()[0], dict((f.split("=") for f in line.split() if "=" in f),
-                                       warps=line.split()[1]))
+                                       warps=line.split()[1], stages=line.split()[2]))
                 for line in out.splitlines() if line.startswith("_")]
     scans = [c for name, c in launches if name == "_state_scan"]
     # The defaults: the scan's rows in pairs for bf16, never for fp16 (float32 operands at
@@ -58,6 +58,12 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         ("128", "fp32", "False", "2", "True")}
     # 4 warps per scan program up to d=64 (one warpgroup reads y^T once), 8 at d=128.
     assert {(c["warps"], c["D_HEAD"]) for c in scans} == {("4", "64"), ("8", "128")}
+    # bf16 at d=64: 3 stages (two programs per multiprocessor still fit), and the rows a >=
+    # d/2 in programs of 8 in the reverse scan (the forward keeps 4 when its programs fit in
+    # one wave, as these small calls' do); d=128 as before.
+    assert {(c["D_HEAD"], c["REVERSE"], c["AGN"], c["stages"]) for c in scans
+            if c["DT"] == "bf16"} == {("64", "False", "4", "3"), ("64", "True", "8", "3"),
+                                      ("128", "False", "4", "2"), ("128", "True", "4", "2")}
     parts = {(c["D_HEAD"], c["PART"]) for name, c in launches
              if name == "_dkv_bwd" and c["DT"] == "bf16"}
     assert parts == {("64", "3"), ("128", "1"), ("128", "2")}
