@@ -291,18 +291,18 @@ def _row_group(d, reverse=False, paired=True, trans=True):
 
 def _row_group_narrow(d, ag, dt_tl, major, paired, trans, reverse, head_tiles, sms):
     """Rows a per state-scan program for the rows a >= d/2 (chunked._state_scan AGN), whose
-    blocks are at most d/2 wide; ag (as the other rows) unless timed otherwise. 8 at d=64 with
-    bf16 operands on Hopper (transposed, rows in pairs): such a program rebuilds as many
-    columns per step as one of 4 wider rows, and the scan's programs fall from 17 to 13 per
-    head. With the 3-stage scan (_scan_step), fwd+bwd 12.17 -> 11.94-11.99 ms at 16k (H200,
-    2026-12-01). Not in a forward scan whose programs fit in one wave of two per
-    multiprocessor (16 heads at 64k): its longest programs then set its time, and the
-    8-row ones are longer (forward 3.57 -> 3.62 ms at 64k).
-    RETENTION_TRITON_SCAN_ROWS_NARROW overrides (2, 4 or 8; 8 needs rows in pairs and the
-    transposed scan, and at most d/2 rows)."""
+    blocks are at most d/2 wide; ag (as the other rows) unless timed otherwise. 8 at d=64 and
+    128 with bf16 operands on Hopper (transposed, rows in pairs): such a program rebuilds as
+    many columns per step as one of 4 wider rows, and the scan's programs per head fall from
+    17 to 13 at d=64 (33 to 25 at 128). With the 3-stage scan (_scan_step), fwd+bwd 12.17 ->
+    11.94-11.99 ms at 16k (d=64), 104.1 -> 100.8 ms at 64k (d=128; H200, 2026-12-01). Not in a
+    forward scan whose rows' programs fit in one wave of two per multiprocessor (16 heads at
+    64k, d=64): its longest programs then set its time, and the 8-row ones are longer
+    (forward 3.57 -> 3.62 ms at 64k). RETENTION_TRITON_SCAN_ROWS_NARROW overrides (2, 4 or
+    8; 8 needs rows in pairs and the transposed scan, and at most d/2 rows)."""
     rows = _env_choice("RETENTION_TRITON_SCAN_ROWS_NARROW", (2, 4, 8))
-    if rows is None:   # head_tiles: batch x KV heads x value tiles, each d/ag + 1 programs
-        one_wave = not reverse and head_tiles * (d // ag + 1) <= 2 * sms
+    if rows is None:   # head_tiles: batch x KV heads x value tiles, each d/ag row programs
+        one_wave = not reverse and head_tiles * (d // ag) <= 2 * sms
         rows = 8 if _scan_timed(d, dt_tl, major) and not one_wave else ag
     if not trans or rows > d - chunked._wide_rows(d) or (rows == 8 and not paired):
         return ag
@@ -310,8 +310,9 @@ def _row_group_narrow(d, ag, dt_tl, major, paired, trans, reverse, head_tiles, s
 
 
 def _scan_timed(d, dt_tl, major) -> bool:
-    """Whether the scan's settings timed on an H200 apply: d=64, bf16 operands, Hopper."""
-    return bool(_timed_setting(None, {(64, "scan"): 1}, d, dt_tl, "scan", major))
+    """Whether the scan's settings timed on an H200 apply: d=64 or 128, bf16, Hopper."""
+    return bool(_timed_setting(None, {(64, "scan"): 1, (128, "scan"): 1}, d, dt_tl, "scan",
+                               major))
 
 
 @lru_cache(maxsize=None)
@@ -389,11 +390,12 @@ def _scan_warps(d):
 def _scan_step(chunk, d, dt_tl, major, reverse=False):
     """Tokens per step of the state scan (a divisor of the chunk) and pipeline stages. 128
     tokens measured 5-7% faster than 64 at d=64 (H200, 2026-11-30); at d=128 a 128-token step
-    needs 165 KB of shared memory (one program per SM), so it stays at 64 there. 3 stages at
-    d=64 with bf16 operands on Hopper: 114,688 bytes of shared memory, so two programs still
-    share a multiprocessor (228 KB, 1 KB reserved per program; PRE keeps the per-token
-    vectors out of it): fwd+bwd 12.32-12.37 / 12.61 -> 12.17 / 12.47-12.50 ms at 16k / 64k
-    (H200, 2026-12-01); 2 elsewhere (untimed; an A100 has 164 KB).
+    needs 165 KB of shared memory (one program per SM), so it stays at 64 there. 3 stages
+    with bf16 operands on Hopper: at d=64 114,688 bytes of shared memory, so two programs
+    still share a multiprocessor (228 KB, 1 KB reserved per program; PRE keeps the per-token
+    vectors out of it), fwd+bwd 12.32-12.37 / 12.61 -> 12.17 / 12.47-12.50 ms at 16k / 64k;
+    at d=128 98,304 bytes (one program of 8 warps per multiprocessor either way), 110.9 ->
+    104.1 ms at 64k (H200, 2026-12-01); 2 elsewhere (untimed; an A100 has 164 KB).
     RETENTION_TRITON_SCAN_STEP (a smaller top) and RETENTION_TRITON_SCAN_STAGES ("S": both
     scans, "F:R": the forward's and the reverse's) override."""
     top = _env_choice("RETENTION_TRITON_SCAN_STEP", (16, 32, 64, 128)) or (128 if d <= 64 else 64)

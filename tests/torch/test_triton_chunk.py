@@ -114,9 +114,10 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
 
 def test_scan_stages_and_row_groups(monkeypatch):
     """The state scan's pipeline stages and its rows per program for the rows a >= d/2, as
-    timed: 3 stages and 8 such rows at d=64 with bf16 operands on Hopper, except 8 rows in a
-    forward scan whose programs fit in one wave of two per multiprocessor; the others' own
-    settings elsewhere; the environment overrides, and a bad value names its variable."""
+    timed: 3 stages and 8 such rows at d=64 and 128 with bf16 operands on Hopper, except 8
+    rows in a forward scan whose rows' programs fit in one wave of two per multiprocessor;
+    the others' own settings elsewhere; the environment overrides, and a bad value names its
+    variable."""
     import triton.language as tl
 
     from retention.kernels.triton import ops
@@ -126,9 +127,10 @@ def test_scan_stages_and_row_groups(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     bf16, f32 = tl.bfloat16, tl.float32
     assert [ops._scan_step(256, 64, bf16, 9), ops._scan_step(256, 64, bf16, 9, True),
-            ops._scan_step(256, 128, bf16, 9), ops._scan_step(256, 64, f32, 9),
-            ops._scan_step(256, 64, bf16, 8), ops._scan_step(48, 64, bf16, 9)] == \
-        [(128, 3), (128, 3), (64, 2), (128, 2), (128, 2), (16, 3)]
+            ops._scan_step(256, 128, bf16, 9), ops._scan_step(256, 32, bf16, 9),
+            ops._scan_step(256, 64, f32, 9), ops._scan_step(256, 64, bf16, 8),
+            ops._scan_step(48, 64, bf16, 9)] == \
+        [(128, 3), (128, 3), (64, 3), (128, 2), (128, 2), (128, 2), (16, 3)]
     monkeypatch.setenv("RETENTION_TRITON_SCAN_STAGES", "4:2")
     monkeypatch.setenv("RETENTION_TRITON_SCAN_STEP", "64")
     assert [ops._scan_step(256, 64, f32, 9), ops._scan_step(256, 64, f32, 9, True)] == \
@@ -140,23 +142,22 @@ def test_scan_stages_and_row_groups(monkeypatch):
         with pytest.raises(ValueError, match="RETENTION_TRITON_SCAN_STAGES"):
             ops._scan_step(256, 64, bf16, 9)
 
-    # (d, ag, dt, major, paired, trans, reverse, value tiles x heads, multiprocessors)
-    narrow = lambda *a: ops._row_group_narrow(*a)
-    many, few = 64, 16   # 16k and 64k in the benchmark: 64 or 16 programs per row group
-    assert [narrow(64, 4, bf16, 9, True, True, False, many, 132),
-            narrow(64, 4, bf16, 9, True, True, True, few, 132),
-            narrow(64, 4, bf16, 9, True, True, False, few, 132),   # one wave: 272 <= 264? no
-            narrow(64, 4, bf16, 9, True, True, False, 12, 132),    # 204 programs: one wave
-            narrow(64, 4, f32, 9, True, True, True, many, 132),
-            narrow(64, 4, bf16, 8, True, True, True, many, 108),
-            narrow(128, 4, bf16, 9, True, True, True, many, 132),
-            narrow(64, 4, bf16, 9, True, False, True, many, 132)] == \
-        [8, 8, 8, 4, 4, 4, 4, 4]
+    # (d, ag, dt, major, paired, trans, reverse, batch x KV heads x value tiles, SMs)
+    narrow = ops._row_group_narrow
+    assert [narrow(64, 4, bf16, 9, True, True, False, 64, 132),   # 16k: 1,024 row programs
+            narrow(64, 4, bf16, 9, True, True, True, 16, 132),    # 64k, reverse
+            narrow(64, 4, bf16, 9, True, True, False, 16, 132),   # 64k: 256, one wave
+            narrow(64, 4, bf16, 9, True, True, False, 17, 132),   # 272: more than one
+            narrow(128, 4, bf16, 9, True, True, False, 32, 132),  # 1,024
+            narrow(64, 4, f32, 9, True, True, True, 64, 132),
+            narrow(64, 4, bf16, 8, True, True, True, 64, 108),
+            narrow(32, 2, bf16, 9, True, True, True, 64, 132),
+            narrow(64, 4, bf16, 9, True, False, True, 64, 132)] == [8, 8, 4, 8, 8, 4, 4, 2, 4]
     monkeypatch.setenv("RETENTION_TRITON_SCAN_ROWS_NARROW", "8")
     assert [narrow(32, 2, f32, 9, True, True, False, 1, 132),     # forced: d/2 = 16 rows
             narrow(32, 2, f32, 9, False, True, False, 1, 132),    # 8 needs pairs
-            narrow(16, 2, f32, 9, True, True, False, 1, 132),     # and at most d/2 rows
+            narrow(16, 2, f32, 9, True, True, False, 1, 132),     # d=16: no narrow rows
             narrow(64, 4, f32, 9, True, False, False, 1, 132)] == [8, 2, 2, 4]
     monkeypatch.setenv("RETENTION_TRITON_SCAN_ROWS_NARROW", "16")
     with pytest.raises(ValueError, match="RETENTION_TRITON_SCAN_ROWS_NARROW"):
-        narrow(64, 4, bf16, 9, True, True, False, many, 132)
+        narrow(64, 4, bf16, 9, True, True, False, 64, 132)
