@@ -31,12 +31,13 @@ def test_settings_alternate_and_the_table_lists_every_run(capsys):
     m = load_script()
     calls = []
 
-    def runner(env, Ts, timeout):
+    def runner(env, Ts, timeout, d):
+        assert d == 128
         calls.append(dict(env))
         k = len(calls)
         return {T: [k + T / 1000, 10 * k + T / 1000] for T in Ts}
 
-    runs = m.ab(["base", "X=0,Y=2"], [1024, 4096], repeats=2, runner=runner)
+    runs = m.ab(["base", "X=0,Y=2"], [1024, 4096], repeats=2, runner=runner, d=128)
     assert calls == [{}, {"X": "0", "Y": "2"}, {}, {"X": "0", "Y": "2"}]
     assert [r[4096] for r in runs["X=0,Y=2"]] == [pytest.approx([6.096, 24.096]),
                                                   pytest.approx([8.096, 44.096])]
