@@ -116,7 +116,7 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
                 AGN: tl.constexpr = 0, PRE: tl.constexpr = False):
     """Forward (X = k, Yv = v): Sst[n] = state entering chunk n, FIN = final state.
     REVERSE (X = q, Yv = dy, over the group's query heads): Sst[n] = gradient of the state
-    leaving chunk n, FIN = gradient of the initial state. Program axis 0: groups of AG rows a
+    leaving chunk n, FIN = gradient of the initial state. Program axis 1: groups of AG rows a
     (all in one 16-block), the last one the Gram matrix Z (rows a = all of d, unweighted).
     The two kinds of program are separate static paths, so each token loop is pipelined.
     STORE_FIN: write FIN (a [B*H, Di, d] float32 store: skipped when nobody reads it).
@@ -135,8 +135,8 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
     AGN: rows a per program for the rows a >= d/2 (W_I <= d/2: with TRANS a program of
     AGN = 2 AG rows rebuilds no more columns per step than one of the wider rows), AG for
     the others; 0 means AG.
-    Grid (B*H*NV, (d/2)/AG + (d/2)/AGN + 1; d/AG + 1 at d=16): blocks launch x-fastest, so the cheap Gram
-    programs come last and fill the tail of the last wave."""
+    Grid (B*H*NV, (d/2)/AG + (d/2)/AGN + 1; d/AG + 1 at d=16): blocks launch x-fastest, so
+    the cheap Gram programs come last and fill the tail of the last wave."""
     g = tl.program_id(1)
     AGR: tl.constexpr = AGN if AGN > 0 else AG
     HALF: tl.constexpr = _wide_rows(D_HEAD)
@@ -195,7 +195,6 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N, a0
     tl.static_assert(NS <= 4)
     SW: tl.constexpr = RP * (WN if TRANS else BV)   # accumulator width (PAIR: two rows a)
     NF: tl.constexpr = WN if TRANS else D_HEAD      # features held per row a (M or N)
-    g = tl.program_id(1)
     bh = tl.program_id(0) // NV
     pv = tl.program_id(0) % NV
     b = bh // H
