@@ -47,8 +47,8 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_SCAN_TRANS": "0"},                     # [features, values] accumulators
     {"RETENTION_TRITON_SCAN_TRANS": "0", "RETENTION_TRITON_SCAN_OPERAND": "a"},
     {"RETENTION_TRITON_SCAN_VEC_COLS": "0"},                  # x_a columns one load each
-    {"RETENTION_TRITON_SCAN_ROWS_NARROW": "8"},               # rows a >= d/2 in 8s
-    {"RETENTION_TRITON_SCAN_PREFETCH": "0"},                  # gates loaded in their step
+    {"RETENTION_TRITON_SCAN_ROWS_NARROW": "8",                # rows a >= d/2 in 8s, and
+     "RETENTION_TRITON_SCAN_PREFETCH": "0"},                  # gates loaded in their step
     {"RETENTION_TRITON_DKV": "split"},                       # dv and dk in two launches
     {"RETENTION_TRITON_DKV": "joint"},                       # dv and dk in one pass
     {"RETENTION_TRITON_CHUNK_RANK1": "1"},                   # rank-one intra-chunk gate
@@ -57,22 +57,20 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_GRAD_PAIR": "1"},                     # feature gradients, likewise
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
         "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed",
-        "scan-untransposed-operand-a", "scan-column-loads", "scan-narrow-rows-in-8s",
-        "scan-gates-in-step", "split-dkv", "joint-dkv",
+        "scan-untransposed-operand-a", "scan-column-loads", "scan-rows-in-8s-gates-in-step",
+        "split-dkv", "joint-dkv",
         "rank-one-gate", "rank-one-gate-split-dkv", "read-paired", "grad-paired"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
 
 
-@pytest.mark.parametrize("env", [{"RETENTION_TRITON_SCAN_ROWS_NARROW": "8"},
-                                 {"RETENTION_TRITON_SCAN_ROWS_NARROW": "8",
-                                  "RETENTION_TRITON_SCAN_VEC_COLS": "0"}],
-                         ids=["rows-in-8s", "rows-in-8s-column-loads"])
-def test_scan_row_groups_interpreted(env):
-    """The scan's rows a >= d/2 in programs of 8 (ops._row_group_narrow; 8 columns x_a per
-    token, as one vector or one load each) against the untransposed scan at d=64 and 128."""
-    _run_child("scan_widths", **env)
+def test_scan_row_groups_interpreted():
+    """The scan's rows a >= d/2 in programs of 8 (ops._row_group_narrow) against the
+    untransposed scan at d=64 and 128, their 8 columns x_a per token loaded one by one (the
+    vector load's split runs in fwd_bwd's variant with rows in 8s, at d=32)."""
+    _run_child("scan_widths", RETENTION_TRITON_SCAN_ROWS_NARROW="8",
+               RETENTION_TRITON_SCAN_VEC_COLS="0")
 
 
 @pytest.mark.parametrize("env", [{"RETENTION_TRITON_ATTN_TRANS": "0"},
