@@ -366,6 +366,13 @@ def _timed_setting(forced, timed, d, dt_tl, kernel, major):
     return timed.get((d, kernel), 0)
 
 
+def _scan_pairs(dt_tl, prec) -> bool:
+    """Rows a in pairs in the state scan (SCAN_PAIR, with the scale on operand b), except for
+    float32 operands at tf32 (float16 inputs): triton 3.6 fails to compile that paired dot
+    for the GPU. The interpreter runs it (the CI checks force it there)."""
+    return SCAN_PAIR and SCAN_BSIDE and not (dt_tl == tl.float32 and prec == "tf32")
+
+
 def _scan_values(d):
     """Value columns per state-scan program: 64 (or d when smaller).
     RETENTION_TRITON_SCAN_BV overrides (a power of two from 16 up to min(d, 64)): smaller
@@ -433,7 +440,7 @@ def _state_scan(X, Yv, bg, den, delta, init_S, init_Z, chunk, n, T, H, Hq, scale
         ZF = torch.empty(B * H, d, d, device=dev, dtype=torch.float32)
     else:   # unused pointers
         SF, ZF = Zst, Zst
-    pair = SCAN_PAIR and SCAN_BSIDE and not (dt_tl == tl.float32 and prec == "tf32")
+    pair = _scan_pairs(dt_tl, prec)
     trans = SCAN_TRANS and prec != "ieee"
     ag = _row_group(d, reverse, pair, trans)
     pair = pair and ag % 2 == 0

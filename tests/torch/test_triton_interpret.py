@@ -47,8 +47,6 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_SCAN_TRANS": "0"},                     # [features, values] accumulators
     {"RETENTION_TRITON_SCAN_TRANS": "0", "RETENTION_TRITON_SCAN_OPERAND": "a"},
     {"RETENTION_TRITON_SCAN_VEC_COLS": "0"},                  # x_a columns one load each
-    {"RETENTION_TRITON_SCAN_ROWS_NARROW": "8",                # rows a >= d/2 in 8s, and
-     "RETENTION_TRITON_SCAN_PREFETCH": "0"},                  # gates loaded in their step
     {"RETENTION_TRITON_DKV": "split"},                       # dv and dk in two launches
     {"RETENTION_TRITON_DKV": "joint"},                       # dv and dk in one pass
     {"RETENTION_TRITON_CHUNK_RANK1": "1"},                   # rank-one intra-chunk gate
@@ -57,20 +55,23 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_GRAD_PAIR": "1"},                     # feature gradients, likewise
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
         "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed",
-        "scan-untransposed-operand-a", "scan-column-loads", "scan-rows-in-8s-gates-in-step",
-        "split-dkv", "joint-dkv",
+        "scan-untransposed-operand-a", "scan-column-loads", "split-dkv", "joint-dkv",
         "rank-one-gate", "rank-one-gate-split-dkv", "read-paired", "grad-paired"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
 
 
-def test_scan_row_groups_interpreted():
-    """The scan's rows a >= d/2 in programs of 8 (ops._row_group_narrow) against the
-    untransposed scan at d=64 and 128, their 8 columns x_a per token loaded one by one (the
-    vector load's split runs in fwd_bwd's variant with rows in 8s, at d=32)."""
-    _run_child("scan_widths", RETENTION_TRITON_SCAN_ROWS_NARROW="8",
-               RETENTION_TRITON_SCAN_VEC_COLS="0")
+@pytest.mark.parametrize("env", [
+    {"RETENTION_TRITON_SCAN_ROWS_NARROW": "8"},
+    {"RETENTION_TRITON_SCAN_ROWS_NARROW": "8", "RETENTION_TRITON_SCAN_VEC_COLS": "0",
+     "RETENTION_TRITON_SCAN_PREFETCH": "0"},
+], ids=["rows-in-8s", "rows-in-8s-single-loads"])
+def test_scan_row_groups_interpreted(env):
+    """The scan's rows a >= d/2 in programs of 8 (ops._row_group_narrow), rows in pairs,
+    against the untransposed scan at d=64 and 128: their 8 columns x_a per token as one
+    vector and the gates a step ahead (the GPU's defaults), or both loaded in their step."""
+    _run_child("scan_widths", **env)
 
 
 @pytest.mark.parametrize("env", [{"RETENTION_TRITON_ATTN_TRANS": "0"},
@@ -181,12 +182,21 @@ def check_scan_widths():
     """The transposed state scan's static paths by feature width (d=64: 64, 32, 16; d=128:
     128, 64, 32, 16; fwd_bwd's d=32 has 32 and 16) against the untransposed scan, both
     directions, per-chunk states and final state, with the per-token scale on either operand
-    (ops.SCAN_BSIDE)."""
+    (ops.SCAN_BSIDE), and with the scale on operand b also with rows a in pairs (the bf16
+    path on the GPU: ops._scan_pairs forced, as float32 operands at tf32 never pair there)."""
     import torch
     import triton.language as tl
 
-    from retention.kernels.triton import ops
+    from retention.kernels.triton import launch, ops
 
+    launched, fitted = set(), launch.fitted
+
+    def recording(kernel, grid, *args, **kwargs):   # which row groups and pairs ran
+        launched.add((kwargs["D_HEAD"], kwargs["TRANS"], kwargs["PAIR"], kwargs["AG"],
+                      kwargs["AGN"]))
+        return fitted(kernel, grid, *args, **kwargs)
+
+    launch.fitted = recording
     g = torch.Generator().manual_seed(0)
     B, T, H, Hq, C = 1, 32, 1, 2, 16
     for d in (64, 128):
@@ -198,15 +208,21 @@ def check_scan_widths():
             ops.SCAN_BSIDE = bside
             X, Y = (q, dy) if reverse else (k, v)
             outs = []
-            for trans in (False, True):
+            for trans, pair in ((False, False), (True, False), (True, True)):
+                if pair and not bside:
+                    continue
                 ops.SCAN_TRANS = trans
+                ops._scan_pairs = lambda dt_tl, prec, pair=pair: pair
                 outs.append(ops._state_scan(X, Y, bg, den if reverse else None,
                                             delta if reverse else None, None, None, C, T // C,
                                             T, H, Hq, 0.5, tl.float32, torch.float32, "tf32",
                                             reverse))
-            for a, b in zip(*outs):
-                err = ((a - b).norm() / b.norm()).item()
-                assert err < 1e-6, (d, reverse, bside, err)
+            for out in outs[1:]:
+                for a, b in zip(out, outs[0]):
+                    err = ((a - b).norm() / b.norm()).item()
+                    assert err < 1e-6, (d, reverse, bside, err)
+    narrow = int(os.environ.get("RETENTION_TRITON_SCAN_ROWS_NARROW", "4"))
+    assert {(64, True, True, 4, narrow), (128, True, True, 4, narrow)} <= launched, launched
 
 
 def check_pair_widths():
