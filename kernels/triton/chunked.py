@@ -139,6 +139,7 @@ def _state_scan(X, Yv, Bg, DEN, DELTA, INIT_S, INIT_Z, Sst, Zst, FIN_S, FIN_Z, s
     the cheap Gram programs come last and fill the tail of the last wave."""
     g = tl.program_id(1)
     AGR: tl.constexpr = AGN if AGN > 0 else AG
+    tl.static_assert(TRANS or AGR == AG)   # the untransposed path groups every row by AG
     HALF: tl.constexpr = _wide_rows(D_HEAD)
     NWIDE: tl.constexpr = HALF // AG      # programs of the rows a < d/2 (W_I > d/2)
     if g == NWIDE + (D_HEAD - HALF) // AGR:
