@@ -79,6 +79,15 @@ def probe_kernel(kernel):
     return _WRAPPERS[name]
 
 
+def _running(t0: np.ndarray, t1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Programs [t0, t1) -> the sorted event times and how many run from each on (an end
+    before a start at the same instant, so back-to-back programs never overlap)."""
+    times = np.concatenate([t0, t1])
+    steps = np.concatenate([np.ones(len(t0)), -np.ones(len(t1))])
+    order = np.lexsort((steps, times))
+    return times[order], np.cumsum(steps[order])
+
+
 def summarize(rows: np.ndarray) -> dict:
     """A launch's programs, rows [start ns, end ns, multiprocessor, axis-1 id] -> span (us),
     the most programs one multiprocessor ran at once (slots), the busy share of slots x span,
@@ -87,18 +96,10 @@ def summarize(rows: np.ndarray) -> dict:
     t1 = (rows[:, 1] - rows[:, 0].min()) / 1e3
     sm, group = rows[:, 2], rows[:, 3]
     span, dur = float(t1.max()), t1 - t0
-    slots = 0
-    for s in np.unique(sm):   # the most programs that overlapped on one multiprocessor
-        on = sm == s
-        times = np.concatenate([t0[on], t1[on]])
-        steps = np.concatenate([np.ones(on.sum()), -np.ones(on.sum())])
-        order = np.lexsort((steps, times))   # an end before a start at the same instant
-        slots = max(slots, int(np.cumsum(steps[order]).max()))
+    # the most programs that overlapped on one multiprocessor
+    slots = max(int(_running(t0[sm == s], t1[sm == s])[1].max()) for s in np.unique(sm))
     full = slots * len(np.unique(sm))
-    times = np.concatenate([t0, t1])
-    steps = np.concatenate([np.ones(len(t0)), -np.ones(len(t1))])
-    order = np.lexsort((steps, times))
-    running, times = np.cumsum(steps[order]), times[order]
+    times, running = _running(t0, t1)
     below = float(np.sum(np.diff(times)[running[:-1] < 0.9 * full]))
     by_group = {int(g): [round(float(dur[group == g].mean()), 1),
                          round(float(dur[group == g].max()), 1), int((group == g).sum())]
@@ -142,9 +143,7 @@ def main(argv=None):
     for T in args.T:
         q, k, v, lg = bench.inputs(T)
 
-        def step():
-            y = power_retention(q, k, v, lg)
-            y.backward(y.detach())
+        step = bench.fwd_bwd(power_retention, (q, k, v, lg))
 
         step()                       # compiles the kernels
         recording[0] = True

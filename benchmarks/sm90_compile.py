@@ -36,6 +36,15 @@ _TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i3
           "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
 
+def cuda_backend_available(arch: int = 90) -> bool:
+    """Whether this triton has its CUDA backend and ptxas (what compile_launch needs)."""
+    try:
+        from triton.backends.nvidia import compiler
+    except ImportError:
+        return False
+    return os.path.exists(compiler.get_ptxas(arch).path)
+
+
 def record_launches(dtypes, dims):
     """[(JITFunction, {param: value}, num_warps, num_stages)] of the calls, deduplicated."""
     import torch

@@ -389,27 +389,25 @@ def _scan_cols(xbase, t, tm, xrs, a0, AG: tl.constexpr, IS_Z: tl.constexpr,
     c6 = z
     c7 = z
     if not IS_Z:
-        if VEC and AG == 8:
+        if VEC and AG > 1:
             cols = tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
-                           + tl.arange(0, 8)[None, :], mask=tm[:, None], other=0.0)
-            # [t, i, j, k] is column 4i + 2j + k: split k, then j, then i.
-            even, odd = tl.split(tl.reshape(cols.to(tl.float32), [t.shape[0], 2, 2, 2]))
-            e0, e1 = tl.split(even)
-            o0, o1 = tl.split(odd)
-            c0, c4 = tl.split(e0)
-            c2, c6 = tl.split(e1)
-            c1, c5 = tl.split(o0)
-            c3, c7 = tl.split(o1)
-        elif VEC and AG == 4:
-            cols = tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
-                           + tl.arange(0, 4)[None, :], mask=tm[:, None], other=0.0)
-            even, odd = tl.split(tl.reshape(cols.to(tl.float32), [t.shape[0], 2, 2]))
-            c0, c2 = tl.split(even)   # even: columns 0 and 2, odd: 1 and 3
-            c1, c3 = tl.split(odd)
-        elif VEC and AG == 2:
-            c0, c1 = tl.split(tl.load(xbase + t[:, None].to(tl.int64) * xrs + a0
-                                      + tl.arange(0, 2)[None, :],
-                                      mask=tm[:, None], other=0.0).to(tl.float32))
+                           + tl.arange(0, AG)[None, :], mask=tm[:, None], other=0.0)
+            cols = cols.to(tl.float32)
+            if AG == 8:
+                # [t, i, j, k] is column 4i + 2j + k: split k, then j, then i.
+                even, odd = tl.split(tl.reshape(cols, [t.shape[0], 2, 2, 2]))
+                e0, e1 = tl.split(even)
+                o0, o1 = tl.split(odd)
+                c0, c4 = tl.split(e0)
+                c2, c6 = tl.split(e1)
+                c1, c5 = tl.split(o0)
+                c3, c7 = tl.split(o1)
+            elif AG == 4:
+                even, odd = tl.split(tl.reshape(cols, [t.shape[0], 2, 2]))
+                c0, c2 = tl.split(even)   # even: columns 0 and 2, odd: 1 and 3
+                c1, c3 = tl.split(odd)
+            else:
+                c0, c1 = tl.split(cols)
         else:
             p = xbase + t.to(tl.int64) * xrs + a0
             c0 = tl.load(p, mask=tm, other=0.0).to(tl.float32)

@@ -246,6 +246,10 @@ GRAD_PAIR = _env_choice("RETENTION_TRITON_GRAD_PAIR", (0, 1, 2))
 OFF_CUDA_MAJOR = 9
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @lru_cache(maxsize=None)
 def _cuda_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
@@ -254,7 +258,19 @@ def _cuda_major(index: int) -> int:
 def _major(device: torch.device) -> int:
     if device.type != "cuda":
         return OFF_CUDA_MAJOR
-    return _cuda_major(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_major(_cuda_index(device))
+
+
+@lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    """Multiprocessors of the device (an H100's 132 off CUDA)."""
+    if device.type != "cuda":
+        return 132
+    return _cuda_sms(_cuda_index(device))
 
 
 # dq of the chunked backward on a side stream, beside the reverse state scan and dk/dv (CUDA
@@ -271,7 +287,7 @@ def _side_stream(device: torch.device):
     with OVERLAP_DQ off)."""
     if device.type != "cuda" or not OVERLAP_DQ:
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(device)
     if index not in _SIDE_STREAMS:
         _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
     return _SIDE_STREAMS[index]
@@ -303,28 +319,13 @@ def _row_group_narrow(d, ag, dt_tl, major, paired, trans, reverse, head_tiles, s
     rows = _env_choice("RETENTION_TRITON_SCAN_ROWS_NARROW", (2, 4, 8))
     if rows is None:   # head_tiles: batch x KV heads x value tiles, each d/ag row programs
         one_wave = not reverse and head_tiles * (d // ag) <= 2 * sms
-        rows = 8 if _scan_timed(d, dt_tl, major) and not one_wave else ag
+        timed = 0 if one_wave else _timed_setting(None, {(64, "scan"): 8, (128, "scan"): 8},
+                                                   d, dt_tl, "scan", major)
+        rows = timed or ag
     if not trans or rows > d - chunked._wide_rows(d) or (rows == 8 and not paired):
         return ag
     return rows
 
-
-def _scan_timed(d, dt_tl, major) -> bool:
-    """Whether the scan's settings timed on an H200 apply: d=64 or 128, bf16, Hopper."""
-    return bool(_timed_setting(None, {(64, "scan"): 1, (128, "scan"): 1}, d, dt_tl, "scan",
-                               major))
-
-
-@lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sms(device: torch.device) -> int:
-    """Multiprocessors of the device (an H100's 132 off CUDA)."""
-    if device.type != "cuda":
-        return 132
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _read_pair(d, dt_tl, kernel, major=9):
@@ -408,7 +409,9 @@ def _scan_step(chunk, d, dt_tl, major, reverse=False):
     top = _env_choice("RETENTION_TRITON_SCAN_STEP", (16, 32, 64, 128)) or (128 if d <= 64 else 64)
     stages = _scan_stages(os.environ.get("RETENTION_TRITON_SCAN_STAGES", ""))
     if stages is None:
-        stages = (3, 3) if _scan_timed(d, dt_tl, major) else (2, 2)
+        timed = _timed_setting(None, {(64, "scan"): 3, (128, "scan"): 3}, d, dt_tl, "scan",
+                               major)
+        stages = (timed or 2,) * 2
     return (next(b for b in (128, 64, 32, 16) if b <= top and chunk % b == 0),
             stages[1] if reverse else stages[0])
 

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import kernel_timeline  # noqa: E402
+from sm90_compile import cuda_backend_available  # noqa: E402
 
 
 def test_summary_of_a_known_timeline():
@@ -53,15 +54,8 @@ def test_probe_wrapper_takes_the_kernels_parameters():
     assert kernel_timeline.probe_kernel(kernel) is probe          # built once
 
 
-def _has_cuda_backend() -> bool:
-    try:
-        from triton.backends.nvidia import compiler
-    except ImportError:
-        return False
-    return os.path.exists(compiler.get_ptxas(90).path)
-
-
-@pytest.mark.skipif(not _has_cuda_backend(), reason="triton without its CUDA backend and ptxas")
+@pytest.mark.skipif(not cuda_backend_available(),
+                    reason="triton without its CUDA backend and ptxas")
 def test_probe_wrapper_compiles_for_sm90():
     import torch
 

@@ -15,14 +15,9 @@ pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-
-def _has_cuda_backend() -> bool:
-    try:
-        from triton.backends.nvidia import compiler
-    except ImportError:
-        return False
-    return os.path.exists(compiler.get_ptxas(90).path)
+from sm90_compile import cuda_backend_available  # noqa: E402
 
 
 def _compile(tmp_path, *args):
@@ -33,7 +28,7 @@ def _compile(tmp_path, *args):
                            *args], env=env, capture_output=True, text=True, timeout=900)
 
 
-needs_backend = pytest.mark.skipif(not _has_cuda_backend(),
+needs_backend = pytest.mark.skipif(not cuda_backend_available(),
                                    reason="triton without its CUDA backend and ptxas")
 
 
