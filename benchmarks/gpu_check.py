@@ -132,6 +132,27 @@ def check_decode(d=64, Hq=4, H=2, B=2, T=40, seed=3):
     return max(errs) <= 1e-2, [f"max err {max(errs):.1e}"]
 
 
+def check_forward_only(T, d, Hq=4, H=2, B=1, seed=4):
+    """A forward-only call (no gradient: prefill, evaluation), which runs ops.forward_chunk(d)
+    chunks: y and the final state from an initial state, gold/ref/test as in check_case."""
+    from retention.kernels.triton import ops
+
+    q, k, v, log_g, S0 = make_case(B, T, Hq, H, d, True, True, torch.bfloat16, seed)
+    with torch.no_grad():
+        gold = gold_fn(q.double(), k.double(), v.double(), log_g.double(), S0)
+        ref = ops_fn(q, k, v, log_g, S0)
+        test = power_retention(q, k, v, log_g, initial_state=S0, return_state=True)
+    chunk = ops.kernel_chunk(T, None, d, stateless=False, forward_only=True)
+    rows, ok = [f"chunk={chunk}"], True
+    for name, g_, r_, t_ in zip(NAMES, (gold[0], *gold[1]), (ref[0], *ref[1]),
+                                (test[0], *test[1])):
+        et, er = err(t_, g_), err(r_, g_)
+        passed = et <= 4 * er + 1e-2
+        ok &= passed
+        rows.append(f"{name}={et:.1e}/{er:.1e}{'' if passed else '!'}")
+    return ok, rows
+
+
 def check_deterministic(runs=16):
     """The backward run several times without CUDA_LAUNCH_BLOCKING (which would serialize
     what a race needs to show), with L2 flushed and a random pause before each run: every
@@ -205,6 +226,8 @@ def all_cases(quick):
         cases.append((f"T=1024 d=128 {name} gates GQA no state out",
                       (1, 1024, 4, 2, 128, True, False, dt, None, 0, False)))
     cases.append(("prefill + 4 decode steps, d=64 GQA", None))
+    for d in (32, 64, 128):   # prefill's and evaluation's longer chunk, a partial last one
+        cases.append((f"T=1500 d={d} forward-only GQA state", ("forward-only", 1500, d)))
     cases.append(("deterministic backward, 16 runs", "determinism"))
     return cases
 
@@ -219,6 +242,7 @@ def child(quick, only, start):
         t0 = time.time()
         try:
             ok, rows = (check_decode() if a is None else check_deterministic() if a == "determinism"
+                        else check_forward_only(*a[1:]) if a[0] == "forward-only"
                         else check_case(*a))
         except Exception as e:  # a compile error is a failed case, the grid goes on
             ok, rows = False, [f"{type(e).__name__}: {str(e)[:200]}"]

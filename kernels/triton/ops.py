@@ -39,6 +39,13 @@ def _env_choice(name: str, choices: tuple[int, ...]) -> Optional[int]:
 
 BLOCK_M = 64        # rows per program; the interpreter tests shrink it to cover several blocks
 MAX_CHUNK = 256     # default chunk: state traffic falls with the chunk, intra-chunk work grows
+# The chunk of a forward-only call (nothing wants a gradient: prefill, evaluation) by head
+# dim. Without the backward, which redoes the intra-chunk part in dq and dk/dv, a longer chunk
+# pays: half the scan's chunk boundaries and stored states. Forward ms at 512 against 256
+# (H200, bf16, 65,536 tokens x 16 heads, `benchmarks/kernels_ab.py`, 2026-12-01): d=64
+# 2.96-3.00 vs 3.11-3.13 at 16k, 3.36 vs 3.55-3.56 at 64k (1024: 3.08 / 3.43); d=128 28.69 vs
+# 29.50 at 64k; d=32 1.50 vs 1.46 at 16k, 1.77 vs 1.78 at 64k (stays 256).
+FORWARD_CHUNK = {64: 512, 128: 512}
 # The row-block kernels put (batch x heads) on the launch grid's second axis, which CUDA caps
 # at 65,535 programs; larger batches run in slices of the batch (_in_batch_slices).
 MAX_GRID_Y = 65535
@@ -63,23 +70,34 @@ def quadratic_max(d: int) -> int:
     return int(env) if env else QUADRATIC_MAX.get(d, 0)
 
 
-def default_chunk(T: int, d: int = 64, stateless: bool = True) -> int:
-    """One chunk (T rounded up to 64) for a stateless call up to quadratic_max(d), else 256
-    (less for short T). A call with an initial state or asking for the final state (prefill)
-    needs the state scan anyway; one chunk would only add the quadratic work."""
+def forward_chunk(d: int) -> int:
+    """The longest chunk of a forward-only call (no gradient wanted: prefill, evaluation) at
+    head dim d: FORWARD_CHUNK, or RETENTION_TRITON_FORWARD_CHUNK (any d)."""
+    env = os.environ.get("RETENTION_TRITON_FORWARD_CHUNK")
+    return int(env) if env else FORWARD_CHUNK.get(d, MAX_CHUNK)
+
+
+def default_chunk(T: int, d: int = 64, stateless: bool = True,
+                  forward_only: bool = False) -> int:
+    """One chunk (T rounded up to 64) for a stateless call up to quadratic_max(d), else 256,
+    or forward_chunk(d) for a forward-only call (less for short T). A call with an initial
+    state or asking for the final state (prefill) needs the state scan anyway; one chunk
+    would only add the quadratic work."""
     if stateless and T <= quadratic_max(d):
         return max(64, triton.cdiv(T, 64) * 64)
-    return min(MAX_CHUNK, max(64, triton.next_power_of_2(T)))
+    top = forward_chunk(d) if forward_only else MAX_CHUNK
+    return min(top, max(64, triton.next_power_of_2(T)))
 
 
-def kernel_chunk(T: int, chunk_size, d: int = 64, stateless: bool = True) -> int:
+def kernel_chunk(T: int, chunk_size, d: int = 64, stateless: bool = True,
+                 forward_only: bool = False) -> int:
     """The chunk the kernels run: RETENTION_TRITON_CHUNK if set (a tuning override that beats
-    chunk_size too), else chunk_size, else default_chunk(T, d, stateless). The torch
-    dispatcher passes None (the model config's chunk is the ops path's)."""
+    chunk_size too), else chunk_size, else default_chunk(T, d, stateless, forward_only). The
+    torch dispatcher passes None (the model config's chunk is the ops path's)."""
     env = os.environ.get("RETENTION_TRITON_CHUNK")
     if env:
         return int(env)
-    return int(chunk_size) if chunk_size else default_chunk(T, d, stateless)
+    return int(chunk_size) if chunk_size else default_chunk(T, d, stateless, forward_only)
 
 
 # The one-chunk kernels (attention.py) by head dim: (rows, cols, warps, stages). fwd and dq
@@ -795,7 +813,11 @@ def power_retention(q_BTQd, k_BTHd, v_BTHd, log_g_BTH=None, *, degree: int = 2,
         log_g_BTH = q_BTQd.new_zeros(B, T, H, dtype=torch.float32)
     elif tuple(log_g_BTH.shape) != (B, T, H):
         raise ValueError(f"log_g must have shape [B,T,H] = {(B, T, H)}, got {tuple(log_g_BTH.shape)}")
-    chunk = kernel_chunk(T, chunk_size, d, initial_state is None and not return_state)
+    forward_only = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (q_BTQd, k_BTHd, v_BTHd, log_g_BTH, *(initial_state or ()))))
+    chunk = kernel_chunk(T, chunk_size, d, initial_state is None and not return_state,
+                         forward_only)
     if chunk % 16 or chunk < 16:
         raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk}")
     S0 = z0 = None

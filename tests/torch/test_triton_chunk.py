@@ -14,6 +14,25 @@ def test_chunk_size_then_default(monkeypatch):
     assert kernel_chunk(50, None) == 64
 
 
+def test_forward_only_calls_take_longer_chunks(monkeypatch):
+    """Prefill and evaluation (no gradient wanted) run ops.FORWARD_CHUNK where it was timed
+    faster (d=64 and 128), short sequences still one chunk when stateless."""
+    for name in ("RETENTION_TRITON_CHUNK", "RETENTION_TRITON_FORWARD_CHUNK",
+                 "RETENTION_TRITON_QUADRATIC_MAX"):
+        monkeypatch.delenv(name, raising=False)
+    assert kernel_chunk(65536, None, 64, forward_only=True) == 512
+    assert kernel_chunk(65536, None, 128, forward_only=True) == 512
+    assert kernel_chunk(65536, None, 32, forward_only=True) == 256
+    assert kernel_chunk(1500, None, 64, stateless=False, forward_only=True) == 512
+    assert kernel_chunk(300, None, 64, stateless=False, forward_only=True) == 512
+    assert kernel_chunk(200, None, 64, stateless=False, forward_only=True) == 256
+    assert kernel_chunk(4096, None, 64, forward_only=True) == 4096      # one chunk, no state
+    assert kernel_chunk(65536, 128, 64, forward_only=True) == 128       # explicit chunk wins
+    monkeypatch.setenv("RETENTION_TRITON_FORWARD_CHUNK", "256")
+    assert kernel_chunk(65536, None, 64, forward_only=True) == 256
+    assert kernel_chunk(65536, None, 64) == 256
+
+
 def test_environment_overrides_chunk_size(monkeypatch):
     monkeypatch.setenv("RETENTION_TRITON_CHUNK", "512")
     assert kernel_chunk(65536, 128) == 512
@@ -161,3 +180,37 @@ def test_scan_stages_and_row_groups(monkeypatch):
     monkeypatch.setenv("RETENTION_TRITON_SCAN_ROWS_NARROW", "16")
     with pytest.raises(ValueError, match="RETENTION_TRITON_SCAN_ROWS_NARROW"):
         narrow(64, 4, bf16, 9, True, True, False, 64, 132)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_forward_only_follows_grad_mode(monkeypatch):
+    """power_retention asks for the forward-only chunk exactly when nothing wants a gradient
+    (no input requires one, or grad mode is off): stopped before any launch."""
+    import torch
+
+    from retention.kernels.triton import ops
+
+    seen = []
+
+    def spy(T, chunk_size, d=64, stateless=True, forward_only=False):
+        seen.append(forward_only)
+        raise _Stop
+
+    monkeypatch.setattr(ops, "kernel_chunk", spy)
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    S0, z0 = torch.zeros(1, 2, 136, 16), torch.zeros(1, 2, 136)
+    calls = [
+        lambda: ops.power_retention(q, k, v),
+        lambda: ops.power_retention(q.clone().requires_grad_(), k, v),
+        lambda: ops.power_retention(q, k, v, torch.zeros(1, 8, 2).requires_grad_()),
+        lambda: ops.power_retention(q, k, v, initial_state=(S0.clone().requires_grad_(), z0)),
+    ]
+    for call in calls:
+        with pytest.raises(_Stop):
+            call()
+    with torch.no_grad(), pytest.raises(_Stop):
+        ops.power_retention(q.clone().requires_grad_(), k, v)
+    assert seen == [True, False, False, False, True]
