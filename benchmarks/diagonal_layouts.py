@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from retention.kernels.triton.layout import internal_features
-from retention.reference import feature_index
+from retention.kernels.triton.layout import feature_map, internal_features
+from retention.kernels.triton.testing import phi
 
 SQRT2 = tl.constexpr(1.4142135623730951)
 BM, CHUNK = 64, 256
@@ -72,14 +72,10 @@ def cyclic_features(d: int) -> list:
 
 
 def layout_state(feats: list, S_NDd: torch.Tensor) -> torch.Tensor:
-    """A canonical state [N, D, d] in a layout: gathered, a diagonal block's (a, b) and (b, a)
-    halving its sqrt(2) feature, pads zero."""
-    tuples, _ = feature_index(S_NDd.shape[-1], 2)
-    where = {(int(i), int(j)): n for n, (i, j) in enumerate(tuples)}
-    idx = [where[(min(f[0], f[1]), max(f[0], f[1]))] if f else 0 for f in feats]
-    coef = [0.0 if f is None else (1 / math.sqrt(2) if f[2] == 1.0 and f[0] != f[1] else 1.0)
-            for f in feats]
-    return S_NDd[:, idx] * torch.tensor(coef, device=S_NDd.device)[None, :, None]
+    """A canonical state [N, D, d] in a layout (layout.feature_map's gather)."""
+    idx, coef = feature_map(S_NDd.shape[-1], feats)
+    return S_NDd[:, torch.as_tensor(idx)] * torch.as_tensor(coef, dtype=S_NDd.dtype,
+                                                             device=S_NDd.device)[None, :, None]
 
 
 @triton.jit
@@ -199,16 +195,8 @@ def run_all(rows: int, d: int, dev: str, dt, DT, seed: int = 0, with_ref: bool =
         out.append((name, y, launch))
     if not with_ref:
         return out, None
-    ref = torch.einsum("ctD,cDe->cte", _phi(x.float().view(-1, CHUNK, d), d), S)
+    ref = torch.einsum("ctD,cDe->cte", phi(x.float().view(-1, CHUNK, d)), S)
     return out, ref.reshape(rows, d)
-
-
-def _phi(x, d):
-    """Canonical features of x [..., d]."""
-    tuples, _ = feature_index(d, 2)
-    i, j = (torch.as_tensor(tuples[:, k], device=x.device) for k in (0, 1))
-    w = torch.where(i == j, 1.0, math.sqrt(2.0)).to(x.device)
-    return x[..., i] * x[..., j] * w
 
 
 def main(argv=None) -> int:

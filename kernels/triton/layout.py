@@ -53,15 +53,22 @@ def canonical_map(d: int) -> tuple[np.ndarray, np.ndarray]:
     canonical -> internal: S_int[f] = coef[f] * S_c[idx[f]]     (gather)
     The two maps are transposes of each other, so the same pair also maps gradients.
     """
+    return feature_map(d, internal_features(d))
+
+
+def feature_map(d: int, features: list) -> tuple[np.ndarray, np.ndarray]:
+    """canonical_map for any list of (a, b, weight) features, None for a pad (coefficient 0).
+    A feature of weight 1 off the diagonal is one of a pair, (a, b) and (b, a), that share
+    one canonical sqrt(2)-feature, so each takes 1/sqrt(2) of it."""
     from retention.reference import feature_index
 
     tuples, _ = feature_index(d, 2)
     where = {(int(i), int(j)): n for n, (i, j) in enumerate(tuples)}
     idx, coef = [], []
-    for a, b, w in internal_features(d):
+    for f in features:
+        a, b, w = f if f is not None else (0, 0, 0.0)
         idx.append(where[(min(a, b), max(a, b))])
-        # A diagonal block holds (a,b) and (b,a) for one canonical sqrt(2)-feature.
-        coef.append(1.0 / math.sqrt(2.0) if (w == 1.0 and a != b) else 1.0)
+        coef.append(0.0 if f is None else 1.0 / math.sqrt(2.0) if (w == 1.0 and a != b) else 1.0)
     return np.asarray(idx, dtype=np.int64), np.asarray(coef, dtype=np.float64)
 
 

@@ -345,7 +345,6 @@ def _row_group_narrow(d, ag, dt_tl, major, paired, trans, reverse, head_tiles, s
     return rows
 
 
-
 def _read_pair(d, dt_tl, kernel, major=9):
     """The pair level (above) of the state read of the forward (_out_fwd, "out") and of dv
     (_dkv_bwd, "dkv"), with bf16 operands, as timed (H200, 2026-11-30, fwd+bwd at d=128 in
