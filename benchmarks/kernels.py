@@ -201,14 +201,14 @@ def tune():
     256-token chunks at d=64 (T=4096 and 65536) and d=128 (T=4096, the 7B preset's head dim),
     including the rank-one intra-chunk gate (ops.CHUNK_RANK1), the scan's rows in pairs
     (ops.SCAN_PAIR), rows per scan program (ops._row_group, ops._row_group_narrow), its steps
-    and stages (ops._scan_step), the state reads' and feature gradients' rows in pairs
-    (ops._read_pair, ops._grad_pair) and the dk/dv launch forms (ops.DKV_LAUNCH). Row blocks
+    and stages (ops._scan_step), the state reads' rows in pairs (ops._read_pair) and the dk/dv
+    launch forms (ops.DKV_LAUNCH). Row blocks
     of 64 with 4 warps and 3 stages won against 128-row blocks and 8 warps on 2026-11-30
     (docs/kernels_gpu_log.md); chunk sizes: --sweep."""
     from retention.kernels.triton import ops
 
     names = ("BLOCK_M", "_warps", "_stages", "_row_group", "_row_group_narrow", "DKV_LAUNCH",
-             "_scan_step", "CHUNK_RANK1", "SCAN_PAIR", "_read_pair", "_grad_pair")
+             "_scan_step", "CHUNK_RANK1", "SCAN_PAIR", "_read_pair")
     base = {n: getattr(ops, n) for n in names}
     step64 = lambda stages: (lambda c, d, *args: (64 if c % 64 == 0 else 16, stages))
     stages_only = lambda n: (lambda *args: (base["_scan_step"](*args)[0], n))
@@ -222,9 +222,6 @@ def tune():
                       4 if d >= 64 and not reverse else 2)),
                 ("state reads one dot per row", dict(_read_pair=lambda *args: 0)),
                 ("state reads in row pairs, every d and W", dict(_read_pair=lambda *args: 2)),
-                ("feature gradients one dot per row", dict(_grad_pair=lambda *args: 0)),
-                ("feature gradients in row pairs, every d, W and kernel",
-                 dict(_grad_pair=lambda *args: 2)),
                 ("intra-chunk rank-one gate", dict(CHUNK_RANK1=True)),
                 ("scan 64-token steps", dict(_scan_step=step64(2))),
                 ("scan 2 stages", dict(_scan_step=stages_only(2))),

@@ -193,7 +193,7 @@ def _describe(bound):
     import triton.language as tl
 
     keep = ("D_HEAD", "DT", "PREC", "PART", "REVERSE", "HAS_INIT", "PAIR", "TRANS", "AG", "AGN",
-            "READ_PAIR", "GRAD_PAIR", "BM", "BN", "BK", "C", "maxnreg")
+            "READ_PAIR", "BM", "BN", "BK", "C", "maxnreg")
     parts = []
     for k in keep:
         if k in bound:

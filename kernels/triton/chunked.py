@@ -30,7 +30,8 @@ by e^{b_last} per chunk; every factor is <= 1.
 import triton
 import triton.language as tl
 
-SQRT2 = tl.constexpr(1.4142135623730951)
+# A stored off-block feature (a, b), b in a later block than a, stands for (b, a) too.
+PAIRED = tl.constexpr(2.0)
 
 
 # --- the state scan -------------------------------------------------------------------------
@@ -55,36 +56,36 @@ def _scaled_dot(xT, yb, scale_t, acc, BSIDE: tl.constexpr, DT: tl.constexpr,
 
 
 @triton.jit
-def _store_rows(ptr, acc, wcol, smask, row_step, PAIR: tl.constexpr):
-    """Store an accumulator times the feature weights: one row a, or (PAIR) two side by side
-    (interleaved columns, _paired_dot), the second row_step elements after the first."""
+def _store_rows(ptr, acc, smask, row_step, PAIR: tl.constexpr):
+    """Store an accumulator: one row a, or (PAIR) two side by side (interleaved columns,
+    _paired_dot), the second row_step elements after the first."""
     if PAIR:
         a, b = tl.split(tl.reshape(acc, [acc.shape[0], acc.shape[1] // 2, 2]))
-        tl.store(ptr, (a * wcol).to(ptr.dtype.element_ty), mask=smask)
-        tl.store(ptr + row_step, (b * wcol).to(ptr.dtype.element_ty), mask=smask)
+        tl.store(ptr, a.to(ptr.dtype.element_ty), mask=smask)
+        tl.store(ptr + row_step, b.to(ptr.dtype.element_ty), mask=smask)
     else:
-        tl.store(ptr, (acc * wcol).to(ptr.dtype.element_ty), mask=smask)
+        tl.store(ptr, acc.to(ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit
-def _store_accs(ptr, acc0, acc1, acc2, acc3, wcol, smask, row_step, NS: tl.constexpr,
+def _store_accs(ptr, acc0, acc1, acc2, acc3, smask, row_step, NS: tl.constexpr,
                 PAIR: tl.constexpr):
     """Store a program's NS accumulators, rows a in order from ptr (_store_rows each)."""
     RP: tl.constexpr = 2 if PAIR else 1
-    _store_rows(ptr, acc0, wcol, smask, row_step, PAIR)
+    _store_rows(ptr, acc0, smask, row_step, PAIR)
     if NS > 1:
-        _store_rows(ptr + RP * row_step, acc1, wcol, smask, row_step, PAIR)
+        _store_rows(ptr + RP * row_step, acc1, smask, row_step, PAIR)
     if NS > 2:
-        _store_rows(ptr + 2 * RP * row_step, acc2, wcol, smask, row_step, PAIR)
-        _store_rows(ptr + 3 * RP * row_step, acc3, wcol, smask, row_step, PAIR)
+        _store_rows(ptr + 2 * RP * row_step, acc2, smask, row_step, PAIR)
+        _store_rows(ptr + 3 * RP * row_step, acc3, smask, row_step, PAIR)
 
 
 @triton.jit
-def _load_rows(ptr, wcol, smask, row_step, PAIR: tl.constexpr):
-    """The inverse of _store_rows: unweighted float32 rows."""
-    a = tl.load(ptr, mask=smask, other=0.0) / wcol
+def _load_rows(ptr, smask, row_step, PAIR: tl.constexpr):
+    """The inverse of _store_rows: float32 rows."""
+    a = tl.load(ptr, mask=smask, other=0.0)
     if PAIR:
-        b = tl.load(ptr + row_step, mask=smask, other=0.0) / wcol
+        b = tl.load(ptr + row_step, mask=smask, other=0.0)
         return tl.reshape(tl.join(a, b), [a.shape[0], 2 * a.shape[1]])
     else:   # a static else: the compiler rejects returns of two shapes otherwise
         return a
@@ -210,7 +211,6 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N, a0
         W = D_HEAD
         rows_b = r
         bmask = r < D_HEAD
-        wrow = tl.full([D_HEAD], 1.0, tl.float32)
         LEN: tl.constexpr = D_HEAD
         srow = r
     else:
@@ -218,31 +218,28 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N, a0
         W = D_HEAD - 16 * I
         rows_b = 16 * I + r                      # accumulator row r <-> feature column b
         bmask = rows_b < D_HEAD
-        wrow = tl.where(rows_b < 16 * I + 16, 1.0, SQRT2)
         LEN: tl.constexpr = DINT
         srow = 16 * (I * D_HEAD - 8 * I * (I - 1)) + (a0 - 16 * I) * W + r
     ROW = W * D_HEAD          # from one row a's stored features to the next's
     if TRANS:
         smask = (r < W)[None, :] & (vc < D_HEAD)[:, None]
         sptr = srow[None, :] * D_HEAD + vc[:, None]
-        wcol = wrow[None, :]
         acc0 = tl.zeros([BV, SW], dtype=tl.float32)
     else:
         smask = (r < W)[:, None] & (vc < D_HEAD)[None, :]
         sptr = srow[:, None] * D_HEAD + vc[None, :]
-        wcol = wrow[:, None]  # the accumulators hold unweighted rows; weights on load/store
         acc0 = tl.zeros([D_HEAD, SW], dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
     if HAS_INIT:
         ib = INIT + bh64 * LEN * D_HEAD + sptr
-        acc0 = _load_rows(ib, wcol, smask, ROW, PAIR)
+        acc0 = _load_rows(ib, smask, ROW, PAIR)
         if NS > 1:
-            acc1 = _load_rows(ib + RP * ROW, wcol, smask, ROW, PAIR)
+            acc1 = _load_rows(ib + RP * ROW, smask, ROW, PAIR)
         if NS > 2:
-            acc2 = _load_rows(ib + 2 * RP * ROW, wcol, smask, ROW, PAIR)
-            acc3 = _load_rows(ib + 3 * RP * ROW, wcol, smask, ROW, PAIR)
+            acc2 = _load_rows(ib + 2 * RP * ROW, smask, ROW, PAIR)
+            acc3 = _load_rows(ib + 3 * RP * ROW, smask, ROW, PAIR)
     if REVERSE:
         xrs = Hq * D_HEAD
         nrep = RG
@@ -271,7 +268,7 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N, a0
             if REVERSE:
                 n = N - 1 - n
             _store_accs(Sst + (bh64 * N + n) * LEN * D_HEAD + sptr, acc0, acc1, acc2, acc3,
-                        wcol, smask, ROW, NS, PAIR)
+                        smask, ROW, NS, PAIR)
             decay = tl.exp(blast_j)
             acc0 *= decay
             acc1 *= decay
@@ -330,8 +327,8 @@ def _scan_rows(X, Yv, Bg, DEN, DELTA, INIT, Sst, FIN, scale, T, H, Hq, Tp, N, a0
                 acc2 = _scaled_dot(lhs, rhs, xa2 * fac, acc2, BSIDE, DT, PREC)
                 acc3 = _scaled_dot(lhs, rhs, xa3 * fac, acc3, BSIDE, DT, PREC)
     if STORE_FIN:   # skipped when nobody reads it (no state returned / no initial state)
-        _store_accs(FIN + bh64 * LEN * D_HEAD + sptr, acc0, acc1, acc2, acc3, wcol, smask, ROW,
-                    NS, PAIR)
+        _store_accs(FIN + bh64 * LEN * D_HEAD + sptr, acc0, acc1, acc2, acc3, smask, ROW, NS,
+                    PAIR)
 
 
 @triton.jit
@@ -427,14 +424,15 @@ def _scan_cols(xbase, t, tm, xrs, a0, AG: tl.constexpr, IS_Z: tl.constexpr,
 # --- row-block helpers ----------------------------------------------------------------------
 @triton.jit
 def _block_cols(xrow, rm, c):
-    """Columns c of rows xrow, float32, times the feature weight (1 in block I, else sqrt2)."""
+    """Columns c of rows xrow, float32."""
     return tl.load(xrow[:, None] + c[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
                 DT: tl.constexpr, PREC: tl.constexpr, PAIR: tl.constexpr = 0):
-    """acc += phi(x)[:, block I's features] @ S rows, as sum_a dot(fac x_a * w x_J, S_a).
+    """acc += phi(x)[:, block I's features] @ S rows, as sum_a dot(fac x_a * m x_J, S_a), m the
+    multiplicity of each stored feature (1 in block I, PAIRED after it).
     Row a holds W = d - 16 I features from OFF (layout.row_offsets); W is cut into up to
     three power-of-two column parts (dot shapes). PAIR 1, when W is a power of two, or 2, for
     every W: rows a and a+1 in dots of depth 2W (their S rows are adjacent in memory; 2W cut
@@ -449,15 +447,15 @@ def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.conste
     if PAIR == 2 or (PAIR == 1 and R1 == 0):
         return _read_block_paired(acc, xrow, rm, fac, Sb, cols, I, D_HEAD, DT, PREC)
     c1 = 16 * I + tl.arange(0, P1)
-    x1 = _block_cols(xrow, rm, c1) * tl.where(c1 < 16 * I + 16, 1.0, SQRT2)[None, :]
+    x1 = _block_cols(xrow, rm, c1) * tl.where(c1 < 16 * I + 16, 1.0, PAIRED)[None, :]
     x2 = x1
     x3 = x1
     if R1 > 0:
         c2 = 16 * I + P1 + tl.arange(0, P2)
-        x2 = _block_cols(xrow, rm, c2) * SQRT2
+        x2 = _block_cols(xrow, rm, c2) * PAIRED
     if R2 > 0:
         c3 = 16 * I + P1 + P2 + tl.arange(0, P3)
-        x3 = _block_cols(xrow, rm, c3) * SQRT2
+        x3 = _block_cols(xrow, rm, c3) * PAIRED
     acc2 = tl.zeros_like(acc)   # a part's own accumulator keeps its dots in flight
     acc3 = tl.zeros_like(acc)
     for al in range(16):
@@ -481,11 +479,12 @@ def _read_block(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.conste
 @triton.jit
 def _pair_part(xrow, rm, I: tl.constexpr, W: tl.constexpr, O: tl.constexpr, P: tl.constexpr):
     """Depths O .. O+P of a row pair's 2W in _read_block_paired: x's block columns behind
-    them (weighted; row a's W features, then row a+1's) and which belong to row a+1."""
+    them (times their multiplicity; row a's W features, then row a+1's) and which belong to
+    row a+1."""
     j = O + tl.arange(0, P)
     second = j >= W
     c = 16 * I + tl.where(second, j - W, j)
-    x = _block_cols(xrow, rm, c) * tl.where(c < 16 * I + 16, 1.0, SQRT2)[None, :]
+    x = _block_cols(xrow, rm, c) * tl.where(c < 16 * I + 16, 1.0, PAIRED)[None, :]
     return x, second
 
 
@@ -544,122 +543,39 @@ def _read_block_paired(acc, xrow, rm, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl
 
 
 @triton.jit
-def _rmw(ptr, rm, c, add):
-    """out[rows, c] += add (fp32, this program's own rows)."""
-    p = ptr[:, None] + c[None, :]
-    m = rm[:, None]
-    tl.store(p, tl.load(p, mask=m, other=0.0, cache_modifier=".cg") + add, mask=m)
+def _row_start(a, D_HEAD: tl.constexpr):
+    """Where row a's features start in the state (layout.row_offsets), for scalars or vectors."""
+    i = a // 16
+    return 16 * (i * D_HEAD - 8 * i * (i - 1)) + (a - 16 * i) * (D_HEAD - 16 * i)
 
 
 @triton.jit
-def _grad_block(grow, rm, A, xrow, fac, Sb, cols, I: tl.constexpr, D_HEAD: tl.constexpr,
-                BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                PAIR: tl.constexpr = 0):
-    """grad[rows] += d/dx of sum_{a in block I, b} fac w_ab x_a x_b U[a,b], U_a = A @ S_a^T.
-    x_a as the row gives a column (assembled in a [BM, 16] tile), x_b a [BM, W] tile; W is
-    cut into up to three power-of-two feature parts. PAIR 1, when W is a power of two, or 2,
-    for every W: U of rows a and a+1 together, one dot per part of twice its width
-    (_grad_part; 2W's power-of-two parts halve to W's, so the tiles are the same)."""
-    W: tl.constexpr = D_HEAD - 16 * I
-    OFF: tl.constexpr = 16 * (I * D_HEAD - 8 * I * (I - 1))
-    P1: tl.constexpr = W & (0 - W)
-    R1: tl.constexpr = W - P1
-    P2: tl.constexpr = R1 & (0 - R1)
-    R2: tl.constexpr = R1 - P2
-    P3: tl.constexpr = R2 & (0 - R2)
-    c1 = 16 * I + tl.arange(0, P1)
-    w1 = tl.where(c1 < 16 * I + 16, 1.0, SQRT2)
-    x1 = _block_cols(xrow, rm, c1) * w1[None, :]
-    g1 = tl.zeros([BM, P1], dtype=tl.float32)
-    x2 = x1
-    x3 = x1
-    g2 = g1
-    g3 = g1
-    if R1 > 0:   # parts after the first start at feature 16 or later: all weighted sqrt2
-        c2 = 16 * I + P1 + tl.arange(0, P2)
-        x2 = _block_cols(xrow, rm, c2) * SQRT2
-        g2 = tl.zeros([BM, P2], dtype=tl.float32)
-    if R2 > 0:
-        c3 = 16 * I + P1 + P2 + tl.arange(0, P3)
-        x3 = _block_cols(xrow, rm, c3) * SQRT2
-        g3 = tl.zeros([BM, P3], dtype=tl.float32)
-    colI = tl.zeros([BM, 16], dtype=tl.float32)
-    k16 = tl.arange(0, 16)
-    if PAIR == 2 or (PAIR == 1 and R1 == 0):
-        for ap in range(8):
-            al = 2 * ap
-            xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
-            xb = tl.load(xrow + 16 * I + al + 1, mask=rm, other=0.0).to(tl.float32) * fac
-            so = Sb + (OFF + al * W) * D_HEAD
-            cola = tl.zeros([BM], dtype=tl.float32)
-            colb = tl.zeros([BM], dtype=tl.float32)
-            g1, cola, colb = _grad_part(A, so, xa, xb, x1, g1, cola, colb, 0, 2 * P1, W, cols,
-                                        BM, D_HEAD, DT, PREC)
-            if R1 > 0:
-                g2, cola, colb = _grad_part(A, so, xa, xb, x2, g2, cola, colb, P1, 2 * P2, W,
-                                            cols, BM, D_HEAD, DT, PREC)
-            if R2 > 0:
-                g3, cola, colb = _grad_part(A, so, xa, xb, x3, g3, cola, colb, P1 + P2, 2 * P3,
-                                            W, cols, BM, D_HEAD, DT, PREC)
-            colI += tl.where((k16 == al)[None, :], cola[:, None],
-                             tl.where((k16 == al + 1)[None, :], colb[:, None], 0.0))
-    else:
-        for al in range(16):
-            xa = tl.load(xrow + 16 * I + al, mask=rm, other=0.0).to(tl.float32) * fac
-            so = Sb + (OFF + al * W) * D_HEAD
-            sT1 = tl.load(so + tl.arange(0, P1)[None, :] * D_HEAD + cols[:, None])
-            u = tl.dot(A, sT1.to(DT), input_precision=PREC)
-            col = tl.sum(u * x1, axis=1)
-            g1 += u * xa[:, None]
-            if R1 > 0:
-                sT2 = tl.load(so + (P1 + tl.arange(0, P2))[None, :] * D_HEAD + cols[:, None])
-                u = tl.dot(A, sT2.to(DT), input_precision=PREC)
-                col += tl.sum(u * x2, axis=1)
-                g2 += u * xa[:, None]
-            if R2 > 0:
-                sT3 = tl.load(so + (P1 + P2 + tl.arange(0, P3))[None, :] * D_HEAD
-                              + cols[:, None])
-                u = tl.dot(A, sT3.to(DT), input_precision=PREC)
-                col += tl.sum(u * x3, axis=1)
-                g3 += u * xa[:, None]
-            colI += tl.where((k16 == al)[None, :], col[:, None], 0.0)
-    tl.debug_barrier()
-    _rmw(grow, rm, c1, g1 * w1[None, :])
-    if R1 > 0:
-        _rmw(grow, rm, c2, g2 * SQRT2)
-    if R2 > 0:
-        _rmw(grow, rm, c3, g3 * SQRT2)
-    tl.debug_barrier()
-    _rmw(grow, rm, 16 * I + k16, colI * fac[:, None])
-    tl.debug_barrier()
-
-
-@triton.jit
-def _grad_part(A, so, xa, xb, x, g, cola, colb, F: tl.constexpr, P: tl.constexpr,
-               W: tl.constexpr, cols, BM: tl.constexpr, D_HEAD: tl.constexpr, DT: tl.constexpr,
+def _grad_rows(acc, A, fac, xrow, rm, Sb, cols, D_HEAD: tl.constexpr, DT: tl.constexpr,
                PREC: tl.constexpr):
-    """Features F .. F+P/2 of a row pair in _grad_block: U of both rows as one [BM, P] dot
-    with interleaved columns (column 2c + j is row a+j's feature F + c), split back in
-    registers (a wgmma thread holds adjacent column pairs); then their x_b tile sums and x_a
-    columns."""
-    j = tl.arange(0, P)
-    srow = (j % 2) * W + F + j // 2        # the S row (of the pair's 2W) behind each column
-    sT = tl.load(so + srow[None, :] * D_HEAD + cols[:, None])
-    ua, ub = tl.split(tl.reshape(tl.dot(A, sT.to(DT), input_precision=PREC), [BM, P // 2, 2]))
-    g += ua * xa[:, None] + ub * xb[:, None]
-    cola += tl.sum(ua * x, axis=1)
-    colb += tl.sum(ub * x, axis=1)
-    return g, cola, colb
+    """acc += sum_b dot(2 fac x_b * A, G_b), the gradient through the features of
+    sum_{b,c} fac x_b x_c (A . S[b, c]) (S symmetric in b, c; fac per row). G_b[e, c] =
+    S[b, c, e] is gathered over the full square: row b's feature c for c from b's block on,
+    else row c's feature b. d^3 products per row where the triangle has D_int d, but every
+    step is the state read's accumulating dot: no column sums, no read-modify-write."""
+    start_c = _row_start(cols, D_HEAD)
+    block_c = (cols // 16) * 16
+    for b in range(D_HEAD):
+        block_b = (b // 16) * 16
+        srow = tl.where(cols >= block_b, _row_start(b, D_HEAD) + cols - block_b,
+                        start_c + b - block_c)
+        g = tl.load(Sb + srow[None, :] * D_HEAD + cols[:, None])
+        xb = tl.load(xrow + b, mask=rm, other=0.0).to(tl.float32)
+        acc = tl.dot((A.to(tl.float32) * (2.0 * fac * xb)[:, None]).to(DT), g.to(DT), acc,
+                     input_precision=PREC)
+    return acc
 
 
 @triton.jit
-def _finish_rows(grow, orow, xrow, XDX, rm, cols):
-    """A row block's float32 gradient (after the block-wise adds: _grad_block ends on a
-    barrier) to the input dtype at orow, and its row sums x.dx to XDX."""
-    g = tl.load(grow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
+def _finish_rows(orow, x, g, XDX, rm, cols):
+    """A row block's float32 gradient g to orow in the input dtype, and its row sums x.g
+    (the gate gradient's summand) to XDX."""
     tl.store(orow[:, None] + cols[None, :], g.to(orow.dtype.element_ty), mask=rm[:, None])
-    x = tl.load(xrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-    tl.store(XDX, tl.sum(x * g, axis=1), mask=rm)
+    tl.store(XDX, tl.sum(x.to(tl.float32) * g, axis=1), mask=rm)
 
 
 @triton.jit
@@ -763,19 +679,17 @@ def _out_fwd(Q, K, V, Bg, Sst, Zst, Y, DEN, scale,
 
 # --- backward ------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, DQO, QDQ, scale,
+def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQO, QDQ, scale,
             T, H, Hq, Tp, N,
             D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
             DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr,
-            GRAD_PAIR: tl.constexpr = 0):
-    """dq of one row block of queries, summed in the float32 DQ (the state read adds into it
-    block by block), then written to DQO in the input dtype with its row sums q.dq in QDQ
-    [B*Hq, T] (the gate gradient's summand)."""
-    NB: tl.constexpr = D_HEAD // 16
+            FUSED: tl.constexpr = True):
+    """dq of one row block of queries, summed in float32 registers, written to DQO in the
+    input dtype with its row sums q.dq in QDQ [B*Hq, T] (the gate gradient's summand).
+    Without FUSED the state term is _state_grad's: DQO is float32 and gets the rest."""
     pm, pbh, b, hq, h, n, rows, rm, cols, bh64, qrs, krs, qrow, kbase, vbase = \
         _query_block(Q, K, V, T, H, Hq, D_HEAD, C, BM)
     dybase = DY + (b.to(tl.int64) * T * Hq + hq) * D_HEAD
-    grow = DQ + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
     bq = tl.load(Bg + bh64 * Tp + rows)
     fq = scale * scale * tl.exp(bq)
     den = tl.load(DEN + pbh.to(tl.int64) * T + rows, mask=rm, other=1.0)
@@ -802,45 +716,46 @@ def _dq_bwd(Q, K, V, Bg, Sst, Zst, DY, DEN, DELTA, DQ, DQO, QDQ, scale,
         ds = 2.0 * dw * s * _intra_gate(bq, bk, keep, kb == pm * BM, Bg + bh64 * Tp + pm * BM,
                                         RANK1, True) * scale
         dq += tl.dot(ds.to(DT), kn.to(DT), input_precision=PREC)
-    tl.store(grow[:, None] + cols[None, :], dq, mask=rm[:, None])
-    # The state read: u_a = dnum @ S_a^T; added into DQ block by block.
-    Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
-    for I in tl.static_range(NB):
-        _grad_block(grow, rm, dnum_dt, qrow, fq, Sb, cols, I, D_HEAD, BM, DT, PREC, GRAD_PAIR)
+    # The state read: y_num = fq sum_{b,c} q_b q_c (S[b, c] . ), so dq += 2 fq S q . dnum.
     obase = DQO + (b.to(tl.int64) * T * Hq + hq) * D_HEAD + rows.to(tl.int64) * qrs
-    _finish_rows(grow, obase, qrow, QDQ + pbh.to(tl.int64) * T + rows, rm, cols)
+    if FUSED:   # dnum = dy / den, with 1/den in the row factor (dy reloaded: fewer registers)
+        Sb = Sst + (bh64 * N + n) * DINT * D_HEAD
+        dyt = tl.load(dybase + rows[:, None] * qrs + cols[None, :], mask=rm[:, None], other=0.0)
+        dq = _grad_rows(dq, dyt, fq / den, qrow, rm, Sb, cols, D_HEAD, DT, PREC)
+        _finish_rows(obase, q, dq, QDQ + pbh.to(tl.int64) * T + rows, rm, cols)
+    else:
+        tl.store(obase[:, None] + cols[None, :], dq, mask=rm[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "H", "Hq", "Tp", "N"])
-def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale,
+def _dkv_bwd(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DKO, DV, KDK, scale,
              T, H, Hq, Tp, N,
              D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, RANK1: tl.constexpr,
-             READ_PAIR: tl.constexpr = 0, GRAD_PAIR: tl.constexpr = 0):
+             READ_PAIR: tl.constexpr = 0, FUSED: tl.constexpr = True):
     """dk and dv of one row block of keys. PART 0 computes both in one pass; 1 only dv and 2
     only dk (two launches with fewer live registers each; the intra-chunk scores are computed
     twice); 3 the dv pass and then the dk pass in one program (one launch, one accumulator
-    live at a time). dv goes straight to DV in the input dtype; dk is summed in the float32
-    DK (the state write adds into it block by block), then written to DKO in the input dtype
-    with its row sums k.dk in KDK [B*H, T]."""
+    live at a time). dv and dk go to DV and DKO in the input dtype, dk with its row sums
+    k.dk in KDK [B*H, T]; without FUSED, dk's state term is _state_grad's: DKO is float32
+    and gets the rest."""
     if PART == 3:
-        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DKO, DV, KDK, scale, T, H, Hq,
                   Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, True, False, READ_PAIR)
-        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
-                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True, 0, GRAD_PAIR)
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DKO, DV, KDK, scale, T, H, Hq,
+                  Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, False, True, 0, FUSED)
     else:
-        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
+        _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DKO, DV, KDK, scale, T, H, Hq,
                   Tp, N, D_HEAD, DINT, C, BM, DT, PREC, RANK1, PART != 2, PART != 1,
-                  READ_PAIR, GRAD_PAIR)
+                  READ_PAIR, FUSED)
 
 
 @triton.jit
-def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, T, H, Hq,
+def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DKO, DV, KDK, scale, T, H, Hq,
               Tp, N,
               D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr, RANK1: tl.constexpr, DO_V: tl.constexpr,
-              DO_K: tl.constexpr, READ_PAIR: tl.constexpr = 0,
-              GRAD_PAIR: tl.constexpr = 0):
+              DO_K: tl.constexpr, READ_PAIR: tl.constexpr = 0, FUSED: tl.constexpr = True):
     """The body of _dkv_bwd: dv when DO_V, dk when DO_K, over the same key rows."""
     NB: tl.constexpr = D_HEAD // 16
     pm = tl.program_id(0)
@@ -857,7 +772,6 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, 
     krs = H * D_HEAD
     krow = K + (b.to(tl.int64) * T * H + h) * D_HEAD + rows.to(tl.int64) * krs
     vbase = V + (b.to(tl.int64) * T * H + h) * D_HEAD
-    grow = DK + (b.to(tl.int64) * T * H + h) * D_HEAD + rows.to(tl.int64) * krs
     bk = tl.load(Bg + bh64 * Tp + rows)
     blast = tl.load(Bg + bh64 * Tp + n * C + C - 1)
     gk = tl.exp(blast - bk)
@@ -915,9 +829,48 @@ def _dkv_rows(Q, K, V, Bg, dSst, dZst, DY, DEN, DELTA, DK, DKO, DV, KDK, scale, 
         tl.store(dvbase + rows[:, None] * krs + cols[None, :], dv.to(DV.dtype.element_ty),
                  mask=rm[:, None])
     if DO_K:
-        tl.store(grow[:, None] + cols[None, :], dk, mask=rm[:, None])
-        # The state write: u_a = v @ dS_a^T; added into DK block by block.
-        for I in tl.static_range(NB):
-            _grad_block(grow, rm, v, krow, gk, Sb, cols, I, D_HEAD, BM, DT, PREC, GRAD_PAIR)
         orow = DKO + (b.to(tl.int64) * T * H + h) * D_HEAD + rows.to(tl.int64) * krs
-        _finish_rows(grow, orow, krow, KDK + bh64 * T + rows, rm, cols)
+        if FUSED:
+            # The state write: S[b, c] += gk k_b k_c v, so dk += 2 gk dS k . v.
+            dk = _grad_rows(dk, v, gk, krow, rm, Sb, cols, D_HEAD, DT, PREC)
+            _finish_rows(orow, k, dk, KDK + bh64 * T + rows, rm, cols)
+        else:
+            tl.store(orow[:, None] + cols[None, :], dk, mask=rm[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "H", "Hx", "Tp", "N"])
+def _state_grad(X, A, Bg, DEN, Sst, G32, GO, XDX, scale, T, H, Hx, Tp, N,
+                D_HEAD: tl.constexpr, DINT: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr, IS_Q: tl.constexpr):
+    """The state term of dq (IS_Q: A = dy, over den, against the forward's states) or of dk
+    (A = v, against the state gradients) for one row block of head Hx, added to the rest
+    of the gradient in G32 (float32, from _dq_bwd / _dkv_bwd without FUSED), written to GO
+    in the input dtype with the row sums x.dx in XDX [B*Hx, T]. Its own launch: light
+    enough for several programs per multiprocessor, where the fused kernels hold 255
+    registers."""
+    pm = tl.program_id(0)
+    pbh = tl.program_id(1)
+    b = pbh // Hx
+    hx = pbh % Hx
+    h = hx // (Hx // H)
+    n = (pm * BM) // C
+    rows = pm * BM + tl.arange(0, BM)
+    rm = rows < T
+    cols = tl.arange(0, D_HEAD)
+    bh64 = (b * H + h).to(tl.int64)
+    rs = Hx * D_HEAD
+    rowoff = (b.to(tl.int64) * T * Hx + hx) * D_HEAD + rows.to(tl.int64) * rs
+    xrow = X + rowoff
+    # A in its dtype, and tiles loaded where used: fewer registers live across the loop
+    a = tl.load(A + rowoff[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
+    bx = tl.load(Bg + bh64 * Tp + rows)
+    if IS_Q:   # dq's A is dy / den: 1/den joins the row factor
+        den = tl.load(DEN + pbh.to(tl.int64) * T + rows, mask=rm, other=1.0)
+        fac = scale * scale * tl.exp(bx) / tl.where(den > 0, den, 1.0)
+    else:
+        fac = tl.exp(tl.load(Bg + bh64 * Tp + n * C + C - 1) - bx)
+    g = tl.load(G32 + rowoff[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
+    g = _grad_rows(g, a, fac, xrow, rm, Sst + (bh64 * N + n) * DINT * D_HEAD, cols, D_HEAD,
+                   DT, PREC)
+    x = tl.load(xrow[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
+    _finish_rows(GO + rowoff, x, g, XDX + pbh.to(tl.int64) * T + rows, rm, cols)

@@ -221,6 +221,27 @@ if _DKV_ENV is not None and _DKV_ENV not in DKV_PARTS:
     raise ValueError(f"RETENTION_TRITON_DKV must be one of {sorted(DKV_PARTS)}, got {_DKV_ENV!r}")
 DKV_LAUNCH = {d: _DKV_ENV or ("split" if d >= 128 else "sequential") for d in (16, 32, 64, 128)}
 
+# The state terms of dq and dk (chunked._grad_rows): "fused" into _dq_bwd and _dkv_bwd, or
+# "split" into their own launch (chunked._state_grad, GRAD_BLOCK_M rows per program) after
+# those write the rest in float32 (_split_state_grad picks).
+# RETENTION_TRITON_STATE_GRAD=fused|split forces one, RETENTION_TRITON_STATE_GRAD_ROWS=
+# 16|32|64|128 sets the split launch's rows per program.
+STATE_GRAD = os.environ.get("RETENTION_TRITON_STATE_GRAD")
+if STATE_GRAD not in (None, "fused", "split"):
+    raise ValueError(f"RETENTION_TRITON_STATE_GRAD must be fused or split, got {STATE_GRAD!r}")
+GRAD_BLOCK_M = int(os.environ.get("RETENTION_TRITON_STATE_GRAD_ROWS", "128"))
+
+
+def _split_state_grad(d: int, kv_seqs: int) -> bool:
+    """Whether dq's and dk's state terms take their own launch, as timed (H200, 2026-12-01,
+    bf16, 65,536 tokens x 16 heads, fwd+bwd; benchmarks.md): at d=128 (64k: 100.2 -> 84.8 ms,
+    with 128 rows per program; 64 rows gained nothing), and at d=64 with few sequences x KV
+    heads, where the reverse scan leaves multiprocessors idle (B x H = 16 at 64k: 11.56 ->
+    10.98 ms), but not with more (64 at 16k: 11.07 -> 11.42 ms)."""
+    if STATE_GRAD is not None:
+        return STATE_GRAD == "split"
+    return d >= 128 or kv_seqs <= 32
+
 # The chunked kernels' intra-chunk gate off the diagonal block as a rank-one product, no
 # exponential per pair (chunked._intra_gate), or e^{b_i - b_j} per pair everywhere (the
 # default until timed on a GPU): RETENTION_TRITON_CHUNK_RANK1=1.
@@ -251,13 +272,10 @@ SCAN_VEC_COLS = _env_flag("RETENTION_TRITON_SCAN_VEC_COLS", True)
 # RETENTION_TRITON_SCAN_PREFETCH=0|1.
 SCAN_PREFETCH = _env_flag("RETENTION_TRITON_SCAN_PREFETCH", True)
 
-# Rows a in pairs in the row-block kernels' feature loops (chunked._read_block_paired, and
-# _grad_block with _grad_part), per block of rows: 0 never, 1 where the block's W is a power of two,
-# 2 for every W (2W cut into power-of-two parts: W = 48 as 32 + 64).
-# RETENTION_TRITON_READ_PAIR=0|1|2 forces the state reads' level (_read_pair) and
-# RETENTION_TRITON_GRAD_PAIR=0|1|2 the feature gradients' in both kernels (_grad_pair).
+# Rows a in pairs in the state reads (chunked._read_block_paired), per block of rows: 0 never,
+# 1 where the block's W is a power of two, 2 for every W (2W cut into power-of-two parts:
+# W = 48 as 32 + 64). RETENTION_TRITON_READ_PAIR=0|1|2 forces one level (_read_pair).
 READ_PAIR = _env_choice("RETENTION_TRITON_READ_PAIR", (0, 1, 2))
-GRAD_PAIR = _env_choice("RETENTION_TRITON_GRAD_PAIR", (0, 1, 2))
 
 # The compute capability (major) a launch's settings are chosen for: the GPU's own on CUDA;
 # off CUDA (the interpreter, benchmarks/sm90_compile.py, which sets it from --arch) this one.
@@ -357,21 +375,6 @@ def _read_pair(d, dt_tl, kernel, major=9):
     RETENTION_TRITON_READ_PAIR (ops.READ_PAIR) overrides."""
     return _timed_setting(READ_PAIR, {(64, "out"): 2, (64, "dkv"): 1, (128, "out"): 2,
                                       (128, "dkv"): 2}, d, dt_tl, kernel, major)
-
-
-def _grad_pair(d, dt_tl, kernel, major=9):
-    """The pair level (above) of the gradients through the features, dq in _dq_bwd ("dq") and
-    dk in _dkv_bwd ("dkv"): U of rows a and a+1 as one [BM, 2W] dot, split in registers. With
-    bf16 operands, as timed (as _read_pair):
-    - d=64: 2 in _dq_bwd (level 1: 3.42 -> 3.24 ms; 2: 3.15-3.16 against 3.25, fwd+bwd 12.96
-      / 13.16-13.23 -> 12.89 / 13.07 ms at 16k / 64k), 0 in _dkv_bwd, where pairs spill more
-      (level 1: 4.81 -> 4.91 ms; level 2: 5.17 -> 6.23);
-    - d=128: 2 in both (fwd+bwd 124.4 -> 115.0 ms with the reads at 2; dq alone 138.9 ->
-      133.1).
-    0 where untimed (as _read_pair). RETENTION_TRITON_GRAD_PAIR (ops.GRAD_PAIR) overrides
-    both."""
-    return _timed_setting(GRAD_PAIR, {(64, "dq"): 2, (128, "dq"): 2, (128, "dkv"): 2},
-                          d, dt_tl, kernel, major)
 
 
 def _timed_setting(forced, timed, d, dt_tl, kernel, major):
@@ -633,9 +636,6 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
     H = k.shape[2]
     bm, n, Tp = _plan(T, chunk)
     Di = internal_dim(d)
-    # dq and dk are summed in float32 (block-wise adds from the state terms) before the cast.
-    dq32 = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-    dk32 = torch.empty(k.shape, device=q.device, dtype=torch.float32)
     major = _major(q.device)
     side = _side_stream(q.device)
     if side is not None:   # everything dq reads is ready on the caller's stream by now
@@ -643,22 +643,41 @@ def _chunked_bwd(q, k, v, bg, dy, den, delta, Sst, Zst, dSi, dZi, dq, dk, dv, qd
     dSst, dZst, dS0i, dZ0i = _state_scan(q, dy, bg, den, delta, dSi, dZi, chunk, n, T, H, Hq,
                                          scale, dt_tl, dt_torch, prec, reverse=True,
                                          store_fin=want_dS0)
+    fused = not _split_state_grad(d, B * H)
+    # split: the row-block kernels write the rest of dq and dk in float32 for _state_grad
+    dq_rest = dq if fused else torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    dk_rest = dk if fused else torch.empty(k.shape, device=q.device, dtype=torch.float32)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         launch.fitted(chunked._dq_bwd, (Tp // bm, B * Hq),
-            q, k, v, bg, Sst, Zst, dy, den, delta, dq32, dq, qdq, scale, T, H, Hq, Tp, n,
+            q, k, v, bg, Sst, Zst, dy, den, delta, dq_rest, qdq, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, RANK1=CHUNK_RANK1,
-            GRAD_PAIR=_grad_pair(d, dt_tl, "dq", major), num_warps=_warps(d),
-            num_stages=_stages(d, dt_tl))
+            FUSED=fused, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+        if not fused:
+            _state_grad(q, dy, bg, den, Sst, dq_rest, dq, qdq, scale, chunk, n, H, True,
+                        dt_tl, prec)
     for part in DKV_PARTS[DKV_LAUNCH[d]]:
         launch.fitted(chunked._dkv_bwd, (Tp // bm, B * H),
-            q, k, v, bg, dSst, dZst, dy, den, delta, dk32, dk, dv, kdk, scale, T, H, Hq, Tp, n,
+            q, k, v, bg, dSst, dZst, dy, den, delta, dk_rest, dv, kdk, scale, T, H, Hq, Tp, n,
             D_HEAD=d, DINT=Di, C=chunk, BM=bm, DT=dt_tl, PREC=prec, PART=part,
             RANK1=CHUNK_RANK1, READ_PAIR=_read_pair(d, dt_tl, "dkv", major),
-            GRAD_PAIR=_grad_pair(d, dt_tl, "dkv", major),
-            num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+            FUSED=fused, num_warps=_warps(d), num_stages=_stages(d, dt_tl))
+    if not fused:
+        _state_grad(k, v, bg, den, dSst, dk_rest, dk, kdk, scale, chunk, n, H, False, dt_tl,
+                    prec)
     if side is not None:   # dq's outputs, and every buffer it reads, then belong to the caller
         torch.cuda.current_stream(q.device).wait_stream(side)
     return dS0i, dZ0i
+
+
+def _state_grad(x, a, bg, den, Sst, rest, out, xdx, scale, chunk, n, H, is_q, dt_tl, prec):
+    """The state term of dq (is_q) or dk in its own launch (chunked._state_grad): out =
+    rest + that term, in x's dtype, with the row sums into xdx."""
+    B, T, Hx, d = x.shape
+    bm = next(b for b in (GRAD_BLOCK_M, 64, 32, 16) if b <= chunk and chunk % b == 0)
+    launch.fitted(chunked._state_grad, (n * chunk // bm, B * Hx),
+        x, a, bg, den, Sst, rest, out, xdx, scale, T, H, Hx, n * chunk, n, D_HEAD=d,
+        DINT=internal_dim(d), C=chunk, BM=bm, DT=dt_tl, PREC=prec, IS_Q=is_q,
+        num_warps=_warps(d), num_stages=_stages(d, dt_tl))
 
 
 def _stateless(n: int, S0, want_state: bool) -> bool:

@@ -93,28 +93,30 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
     assert [ops._row_group(128), ops._row_group(128, True), ops._row_group(128, True, False),
             ops._row_group(64), ops._row_group(64, True), ops._row_group(64, True, False),
             ops._row_group(64, trans=False), ops._row_group(32)] == [4, 4, 2, 4, 4, 2, 2, 2]
-    # rows a in pairs in the row-block kernels, as timed: with bf16 operands, level 2 (every
-    # W) in the forward's reads and dq's gradients at d=64 and everywhere at d=128, level 1
-    # (powers of two) in dk/dv's reads at d=64, none in dk/dv's gradients at d=64, nor at d=32
-    # or with float32 operands; the environment's level overrides every kernel
+    # rows a in pairs in the state reads, as timed: with bf16 operands, level 2 (every W) in
+    # the forward's at d=64 and everywhere at d=128, level 1 (powers of two) in dv's at d=64,
+    # none at d=32 or with float32 operands; the environment's level overrides every kernel
     import triton.language as tl
     monkeypatch.setattr(ops, "READ_PAIR", None)
-    monkeypatch.setattr(ops, "GRAD_PAIR", None)
-    levels = lambda d, dt: [ops._read_pair(d, dt, "out"), ops._read_pair(d, dt, "dkv"),
-                            ops._grad_pair(d, dt, "dq"), ops._grad_pair(d, dt, "dkv")]
-    assert levels(64, tl.bfloat16) == [2, 1, 2, 0]
-    assert levels(128, tl.bfloat16) == [2, 2, 2, 2]
+    levels = lambda d, dt: [ops._read_pair(d, dt, "out"), ops._read_pair(d, dt, "dkv")]
+    assert levels(64, tl.bfloat16) == [2, 1]
+    assert levels(128, tl.bfloat16) == [2, 2]
     assert levels(32, tl.bfloat16) == levels(64, tl.float32) == levels(128, tl.float16) == \
-        [0, 0, 0, 0]
+        [0, 0]
     # untimed off Hopper (sm_80: ten times the spills at d=128)
     assert [ops._read_pair(128, tl.bfloat16, "out", 8),
-            ops._grad_pair(64, tl.bfloat16, "dq", 8),
-            ops._read_pair(64, tl.bfloat16, "dkv", 10)] == [0, 0, 0]
+            ops._read_pair(64, tl.bfloat16, "dkv", 10)] == [0, 0]
     import torch
     assert ops._major(torch.device("cpu")) == ops.OFF_CUDA_MAJOR == 9
     monkeypatch.setattr(ops, "READ_PAIR", 1)
-    monkeypatch.setattr(ops, "GRAD_PAIR", 2)
-    assert levels(64, tl.float32) == [1, 1, 2, 2]
+    assert levels(64, tl.float32) == [1, 1]
+    # dq's and dk's state terms in their own launch at d=128 and for few sequences x KV heads
+    monkeypatch.setattr(ops, "STATE_GRAD", None)
+    assert [ops._split_state_grad(128, 256), ops._split_state_grad(64, 16),
+            ops._split_state_grad(64, 64), ops._split_state_grad(32, 32)] == \
+        [True, True, False, True]
+    monkeypatch.setattr(ops, "STATE_GRAD", "fused")
+    assert not ops._split_state_grad(128, 1)
     # dq's side stream: on by default, never off CUDA (no stream on a CPU tensor's device)
     if "RETENTION_TRITON_OVERLAP_DQ" not in os.environ:
         assert ops.OVERLAP_DQ
@@ -123,7 +125,7 @@ def test_launch_knobs_defaults_and_bad_values(monkeypatch):
                             ("RETENTION_TRITON_SCAN_PAIR", "yes", "must be 0 or 1"),
                             ("RETENTION_TRITON_SCAN_TRANS", "yes", "must be 0 or 1"),
                             ("RETENTION_TRITON_READ_PAIR", "3", "must be 0, 1 or 2"),
-                            ("RETENTION_TRITON_GRAD_PAIR", "on", "must be 0, 1 or 2"),
+                            ("RETENTION_TRITON_STATE_GRAD", "both", "must be fused or split"),
                             ("RETENTION_TRITON_OVERLAP_DQ", "on", "must be 0 or 1")):
         proc = subprocess.run([sys.executable, "-c", "import retention.kernels.triton.ops"],
                               env=dict(os.environ, **{name: bad}),

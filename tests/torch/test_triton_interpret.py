@@ -52,11 +52,13 @@ def test_triton_kernels_interpreted(check):
     {"RETENTION_TRITON_CHUNK_RANK1": "1"},                   # rank-one intra-chunk gate
     {"RETENTION_TRITON_CHUNK_RANK1": "1", "RETENTION_TRITON_DKV": "split"},
     {"RETENTION_TRITON_READ_PAIR": "1"},                     # state reads, rows a in pairs
-    {"RETENTION_TRITON_GRAD_PAIR": "1"},                     # feature gradients, likewise
+    {"RETENTION_TRITON_STATE_GRAD": "fused"},   # dq, dk state terms in their kernels (these
+    {"RETENTION_TRITON_STATE_GRAD": "fused", "RETENTION_TRITON_DKV": "split"},  # few heads split)
 ], ids=["recompute", "scan-operand-a-4-rows", "scan-1-row", "scan-4-rows", "scan-value-tiles",
         "scan-unpaired", "scan-unpaired-4-rows", "scan-untransposed",
         "scan-untransposed-operand-a", "scan-column-loads", "split-dkv", "joint-dkv",
-        "rank-one-gate", "rank-one-gate-split-dkv", "read-paired", "grad-paired"])
+        "rank-one-gate", "rank-one-gate-split-dkv", "read-paired", "state-grad-fused",
+        "state-grad-fused-dkv-split"])
 def test_triton_kernel_variants_interpreted(env):
     """The launch variants the GPU benchmark compares compute the same thing."""
     _run_child("fwd_bwd", **env)
@@ -241,7 +243,7 @@ def check_pair_widths():
         q, k, v, log_g, S0 = _case(1, 32, 2, 1, d, gates=True, state=True, seed=d)
         runs = []
         for level in (0, 2):
-            ops.READ_PAIR = ops.GRAD_PAIR = level
+            ops.READ_PAIR = level
             leaves = [a.clone().requires_grad_() for a in (q, k, v, log_g, *S0)]
             y, (S, z) = ops.power_retention(*leaves[:4], chunk_size=16,
                                             initial_state=tuple(leaves[4:]), return_state=True)
