@@ -1,8 +1,9 @@
 """Triton kernels of chunked power retention, degree 2 (DESIGN section 1), in the "row a" form.
 
 Internal layout (layout.py): the state holds, for each head-dim row a (block I = a // 16), the
-features x_a x_b for b in [16 I, d), weight sqrt(2) when b is in a later block; D_int rows of
-d values. The denominator's state is the d x d Gram matrix Z = sum k k^T (phi(q).z = q^T Z q).
+full-square entries S[a, b] = sum k_a k_b v for b in [16 I, d), unweighted (reads weigh the
+off-block ones by 2, their (b, a) not being stored); D_int rows of d values. The denominator's
+state is the d x d Gram matrix Z = sum k k^T (phi(q).z = q^T Z q).
 Every state matmul is then a plain dot with one operand scaled by one column x_a: no feature
 tile is ever reshaped. In the row-block kernels the scaled [rows, W] tile of x stays in the
 wgmma register layout (A operand from registers) while the pipeliner streams the state rows;
@@ -18,10 +19,10 @@ values tile against x^T (_scaled_dot, _paired_dot).
   _dq_bwd       one program per (row block, query head).
   _dkv_bwd      one program per (row block, KV head), looping over the group's query heads.
 
-Row-block gradients through the features: for f = sum_a sum_b fac w_ab x_a x_b U[a,b],
-df/dx_a (x_a as the row) is a column of the result and df/dx_b a [rows, W] tile; both are
-added into the fp32 output in global memory (read-modify-write between barriers: one
-program owns its rows). Matrix operands are bf16 for bf16 inputs and float32 otherwise;
+Row-block gradients through the features (dq, dk): 2 fac sum_b dot(x_b * A, S[b, :]) over
+the full square, row b's entries gathered with its mirror entries from earlier rows
+(_grad_rows): d^3 products per row, all accumulating dots; in the row-block kernels or in
+their own launch (_state_grad). Matrix operands are bf16 for bf16 inputs and float32 otherwise;
 accumulators float32. No tl.trans (Hopper miscompiles tl.trans of a dot result fed to a dot,
 triton 3.4-3.7.0): transposed operands are loaded transposed. Gates: Bg holds log-gates summed
 from each chunk's start (b_i); queries carry e^{b_i}, keys e^{b_last - b_j}, the state decays
