@@ -849,19 +849,9 @@ def _state_grad(X, A, Bg, DEN, Sst, G32, GO, XDX, scale, T, H, Hx, Tp, N,
     in the input dtype with the row sums x.dx in XDX [B*Hx, T]. Its own launch: light
     enough for several programs per multiprocessor, where the fused kernels hold 255
     registers."""
-    pm = tl.program_id(0)
-    pbh = tl.program_id(1)
-    b = pbh // Hx
-    hx = pbh % Hx
-    h = hx // (Hx // H)
-    n = (pm * BM) // C
-    rows = pm * BM + tl.arange(0, BM)
-    rm = rows < T
-    cols = tl.arange(0, D_HEAD)
-    bh64 = (b * H + h).to(tl.int64)
-    rs = Hx * D_HEAD
-    rowoff = (b.to(tl.int64) * T * Hx + hx) * D_HEAD + rows.to(tl.int64) * rs
-    xrow = X + rowoff
+    pm, pbh, b, hx, h, n, rows, rm, cols, bh64, rs, _, xrow, _, _ = \
+        _query_block(X, X, X, T, H, Hx, D_HEAD, C, BM)
+    rowoff = (b.to(tl.int64) * T * Hx + hx) * D_HEAD + rows.to(tl.int64) * rs   # x's, A's, G's
     # A in its dtype, and tiles loaded where used: fewer registers live across the loop
     a = tl.load(A + rowoff[:, None] + cols[None, :], mask=rm[:, None], other=0.0)
     bx = tl.load(Bg + bh64 * Tp + rows)
